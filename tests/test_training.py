@@ -183,34 +183,61 @@ def test_epoch_batches_split_and_ema_beta():
 # --- DDP under torchrun -----------------------------------------------------------------------------
 DDP_SCRIPT = textwrap.dedent('''
     import sys, torch
+    from pathlib import Path
     from torch import nn
+    import torch.distributed as dist
     from torch.utils.data import TensorDataset
-    from spruce_nb.training import Trainer, init_distributed, cleanup_distributed
+    from spruce_nb.training import Trainer, EMA, init_distributed, cleanup_distributed
 
     def step(tr, batch):
         x, y = batch
-        loss = (tr.modules['m'](x) - y).square().mean()      # mean loss: DDP's gradient average is the global-batch gradient
+        loss = (tr.modules['m'](x) - y).square().mean()      # mean loss: the average of rank gradients is the global-batch gradient
         tr.backward(loss, 'm')
         return {'loss': loss.item()}
 
-    def run(out, batch_size, total):
+    def run(out, batch_size, total, ddp='wrap'):
         torch.manual_seed(0)
         x = torch.randn(64, 5); y = x @ torch.randn(5, 2) + 0.1 * torch.randn(64, 2)
-        m = nn.Linear(5, 2)                                    # same init on every rank (DDP also broadcasts rank 0's)
+        m = nn.Linear(5, 2)
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5)
         return Trainer({'m': m}, {'m': opt}, step, TensorDataset(x, y), batch_size, total, out, ckpt_every=5, log_every=5,
-                       device='cpu', kind='ddp-toy', config={'lr': 0.05})
+                       device='cpu', kind='ddp-toy', config={'lr': 0.05}, ddp=ddp)
+
+    def gan_step(tr, batch):                                   # the patterns DDP wrapping cannot handle
+        real, = batch
+        G, D = tr.modules['G'], tr.modules['D']
+        z = torch.randn(real.shape[0], 4)
+        tr.unwrap('D').requires_grad_(False)
+        tr.backward(nn.functional.softplus(-D(G(z))).mean(), 'G')
+        tr.unwrap('D').requires_grad_(True)
+        tr.backward(nn.functional.softplus(D(G(z).detach())).mean() + nn.functional.softplus(-D(real)).mean(), 'D')
+        if tr.step % 2 == 0:
+            x = real.detach().requires_grad_(True)
+            g, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            tr.backward(g.square().sum(1).mean(), 'D')
+        tr.ema['G'].update(G)
+        return {}
 
     if __name__ == '__main__':
         torch.set_num_threads(1)
         rank, world = init_distributed()
         assert world == 2, world
-        t = run(sys.argv[1], int(sys.argv[2]), 20)
-        assert type(t.modules['m']).__name__ == 'DistributedDataParallel' and t.unwrap('m') is not t.modules['m']
-        assert t.steps_per_epoch == 8
+        out, b = Path(sys.argv[1]), int(sys.argv[2])
+        for ddp in ('wrap', 'allreduce'):
+            t = run(out / ddp, b, 20, ddp)
+            assert (type(t.modules['m']).__name__ == 'DistributedDataParallel') == (ddp == 'wrap')
+            assert t.steps_per_epoch == 8 and t.global_batch_size == 2 * b
+            t.fit()
+            t = run(out / ddp, b, 24, ddp)                     # resume under DDP: every rank restores its own RNG state
+            t.fit(resume=True)
+        torch.manual_seed(rank)                                # different inits per rank: rank 0's are broadcast
+        G, D = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1)), nn.Sequential(nn.Linear(1, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+        opts = {n: torch.optim.Adam(m.parameters(), 1e-3, betas=(0.0, 0.99)) for n, m in (('G', G), ('D', D))}
+        t = Trainer({'G': G, 'D': D}, opts, gan_step, TensorDataset(torch.randn(64, 1)), 4, 6, out / 'gan', ema={'G': EMA(G)},
+                    device='cpu', ddp='allreduce', kind='ddp-gan')
         t.fit()
-        t = run(sys.argv[1], int(sys.argv[2]), 24)             # resume under DDP: every rank restores its own RNG state
-        t.fit(resume=True)
+        for p in [*G.parameters(), *D.parameters()]:           # the ranks stayed in sync
+            q = [torch.zeros_like(p) for _ in range(world)]; dist.all_gather(q, p.detach()); assert torch.equal(q[0], q[1])
         cleanup_distributed()
 ''')
 
@@ -229,15 +256,38 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     spec = importlib.util.spec_from_file_location('ddp_toy', script); mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     single = mod.run(tmp_path / 'single', 8, 20); single.fit()
     single = mod.run(tmp_path / 'single', 8, 24); single.fit(resume=True)
-    ck_ddp, ck_one = load_checkpoint(tmp_path / 'ddp' / 'last.pt', kind='ddp-toy'), load_checkpoint(tmp_path / 'single' / 'last.pt', kind='ddp-toy')
-    assert ck_ddp.metadata['step'] == ck_one.metadata['step'] == 24
-    assert ck_ddp.metadata['engine']['world_size'] == 2
-    assert len(ck_ddp.state['rng']) == 2 and not torch.equal(ck_ddp.state['rng'][0]['torch'], ck_ddp.state['rng'][1]['torch'])
-    for k, v in ck_one.state['modules']['m'].items():
-        torch.testing.assert_close(ck_ddp.state['modules']['m'][k], v, rtol=1e-5, atol=1e-6)
+    ck_one = load_checkpoint(tmp_path / 'single' / 'last.pt', kind='ddp-toy')
     w0 = mod.run(None, 8, 1).unwrap('m').weight
     assert not torch.allclose(ck_one.state['modules']['m']['weight'], w0, atol=1e-3)   # it did train
-    h_ddp, h_one = ck_ddp.state['history'], ck_one.state['history']
-    assert [r['step'] for r in h_ddp] == [r['step'] for r in h_one] == [5, 10, 15, 20, 24]
-    for a, b in zip(h_ddp, h_one): assert abs(a['loss'] - b['loss']) < 1e-5 * max(1, abs(b['loss']))   # logged metrics averaged over ranks
-    assert json.loads((tmp_path / 'ddp' / 'history.json').read_text()) == h_ddp
+    for ddp in ('wrap', 'allreduce'):
+        ck_ddp = load_checkpoint(tmp_path / 'ddp' / ddp / 'last.pt', kind='ddp-toy')
+        assert ck_ddp.metadata['step'] == ck_one.metadata['step'] == 24
+        assert ck_ddp.metadata['engine']['world_size'] == 2
+        assert len(ck_ddp.state['rng']) == 2 and not torch.equal(ck_ddp.state['rng'][0]['torch'], ck_ddp.state['rng'][1]['torch'])
+        for k, v in ck_one.state['modules']['m'].items():
+            torch.testing.assert_close(ck_ddp.state['modules']['m'][k], v, rtol=1e-5, atol=1e-6)
+        h_ddp, h_one = ck_ddp.state['history'], ck_one.state['history']
+        assert [r['step'] for r in h_ddp] == [r['step'] for r in h_one] == [5, 10, 15, 20, 24]
+        for a, b in zip(h_ddp, h_one): assert abs(a['loss'] - b['loss']) < 1e-5 * max(1, abs(b['loss']))   # metrics averaged over ranks
+        assert json.loads((tmp_path / 'ddp' / ddp / 'history.json').read_text()) == h_ddp
+    assert load_checkpoint(tmp_path / 'ddp' / 'gan' / 'last.pt', kind='ddp-gan').metadata['step'] == 6
+
+def test_autocast_metrics_and_counters():
+    lin = nn.Linear(3, 1)
+    seen = {}
+    def step(tr, batch):
+        x, y = batch
+        with tr.autocast():
+            seen['outer'] = tr.modules['m'](x).dtype
+            with tr.autocast(enabled=False): seen['inner'] = tr.modules['m'](x).dtype
+            loss = (tr.modules['m'](x).float() - y).square().mean()
+        tr.backward(loss, 'm')
+        return {'loss': loss, 'bad': 'nan?' if tr.step == 1 else 0.0}
+    t = Trainer({'m': lin}, {'m': torch.optim.SGD(lin.parameters(), 0.1)}, step, _data(), 8, 3, amp='bf16', device='cpu')
+    with pytest.raises(TypeError, match="metric 'bad'"): t.fit()
+    assert seen == {'outer': torch.bfloat16, 'inner': torch.float32}
+    assert t.step == 2 and t.images_seen == 16 and t.global_batch_size == 8
+    with pytest.raises(TypeError, match='map-style'):
+        Trainer({'m': lin}, {'m': torch.optim.SGD(lin.parameters(), 0.1)}, step, iter(range(3)), 8, 3)
+    with pytest.raises(ValueError, match="ddp='ring'"):
+        Trainer({'m': lin}, {'m': torch.optim.SGD(lin.parameters(), 0.1)}, step, _data(), 8, 3, ddp='ring')
