@@ -236,7 +236,7 @@ DDP_SCRIPT = textwrap.dedent('''
         t = Trainer({'G': G, 'D': D}, opts, gan_step, TensorDataset(torch.randn(64, 1)), 4, 6, out / 'gan', ema={'G': EMA(G)},
                     device='cpu', ddp='allreduce', kind='ddp-gan')
         t.fit()
-        for p in [*G.parameters(), *D.parameters()]:           # the ranks stayed in sync
+        for p in [*G.parameters(), *D.parameters(), *t.ema['G'].module.parameters()]:   # the ranks stayed in sync
             q = [torch.zeros_like(p) for _ in range(world)]; dist.all_gather(q, p.detach()); assert torch.equal(q[0], q[1])
         cleanup_distributed()
 ''')
