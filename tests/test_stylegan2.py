@@ -198,3 +198,21 @@ def test_cli_train_gan(tmp_path, capsys):
     assert main(['train-gan', '--data', 'phantoms:cxr', '--res', '48', '--out', str(tmp_path / 'x')]) == 2
     G = sg.load_generator(out / 'G_ema.pt')
     assert G(torch.randn(1, G.z_dim)).shape == (1, 3, 32, 32)
+
+
+def test_fp16_blocks_path(monkeypatch):
+    "The CUDA mixed-precision path (fp16 in the num_fp16_res top blocks), forced on the CPU."
+    monkeypatch.setattr(sg, '_block_dtype', lambda use_fp16, x, force_fp32=False: torch.float16 if use_fp16 and not force_fp32 else torch.float32)
+    seed_everything(0)
+    cfg = _cfg()
+    G, D = cfg.make_generator(), cfg.make_discriminator()
+    assert [getattr(G.synthesis, f'b{r}').use_fp16 for r in G.synthesis.block_resolutions] == [False, True, True, True]
+    img = G(torch.randn(8, G.z_dim))
+    assert img.dtype == torch.float32 and torch.isfinite(img).all()
+    logits = D(img)
+    assert logits.dtype == torch.float32 and logits.shape == (8, 1)
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in G.parameters() if p.grad is not None)
+    G.eval(); z = torch.randn(2, G.z_dim)
+    with torch.no_grad():
+        assert (G(z, noise_mode='const') - G(z, noise_mode='const', force_fp32=True)).abs().max() < 0.1
