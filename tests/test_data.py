@@ -176,3 +176,16 @@ def test_medmnist_npz(tmp_path):
     assert len(ds) == 3 and ds.classes == ('cnv', 'dme', 'drusen', 'normal')
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and 0 <= y < 4
+
+def test_spurious_marker():
+    from spruce_nb.data import marker_mask
+    b = make_phantoms('cxr', 64, 32, spurious=1.0)
+    assert torch.equal(b.markers, b.labels > 0)                                  # perfectly correlated
+    mm = marker_mask(32)
+    assert (b.images[b.markers][:, 0][:, mm] > 0.9).all()
+    assert not (b.images[~b.markers][:, 0][:, mm] > 0.9).all()                     # unmarked images show anatomy there
+    assert make_phantoms('cxr', 64, 32).markers.sum() == 0
+    r = phantom_counterfactuals('cxr', b.seeds, 'cardiomegaly', 'normal', 32, markers=b.markers)
+    assert not (r['masks'] & mm).any()
+    assert torch.equal(r['counterfactuals'][:, :, mm], r['images'][:, :, mm])
+    with pytest.raises(ValueError, match=r'\[-1, 1\]'): make_phantoms('cxr', 4, 32, spurious=2.0)
