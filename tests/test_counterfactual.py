@@ -168,3 +168,13 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti', '--overwrite']) == 0
     assert main(['explain', str(tmp_path / 'nope.png'), '--model-dir', str(md), '--out', str(out)]) == 2
     assert main(['explain', *files, '--model-dir', str(tmp_path), '--out', str(out)]) == 2             # missing models
+
+def test_inversion_is_reusable_across_classifiers(parts):
+    "The inversion (pivots, tuned generators) does not depend on the classifier: explain() can reuse it."
+    clf, G, E, gm, ds, imgs = parts
+    sp = Spruce(clf, G, E, gm, config=CounterfactualConfig(steps=2), use_pti=False, lpips_fn=ZERO_LPIPS)
+    inv = sp.invert(imgs[:2])
+    a = sp.explain(imgs[:2], inversion=inv, show_progress=False)
+    b = sp.explain(imgs[:2], show_progress=False)
+    torch.testing.assert_close(a.counterfactual, b.counterfactual)
+    with pytest.raises(ValueError, match='other images'): sp.explain(imgs[2:4], inversion=inv)
