@@ -98,10 +98,10 @@ def sidebar_yaml() -> str:
             lines += [f'          - {f}' for f in item['contents']]
     return '\n'.join(lines) + '\n'
 
-def read_sidebar(path: Path = SIDEBAR) -> list[tuple[str | None, str]]:
-    "Flatten a Quarto sidebar.yml into [(section or None, file)] in order."
+def read_sidebar(path: Path | None = None) -> list[tuple[str | None, str]]:
+    "Flatten a Quarto sidebar.yml (default nbs/sidebar.yml) into [(section or None, file)] in order."
     import yaml
-    d = yaml.safe_load(Path(path).read_text()) or {}
+    d = yaml.safe_load(Path(path or SIDEBAR).read_text()) or {}
     sb = d.get('website', {}).get('sidebar', {})
     if isinstance(sb, list): sb = sb[0]
     out = []
@@ -385,7 +385,8 @@ def _sidebar_html(entries, titles, outs, current: str | None, rel: str, site_tit
             if sec: h.append(f'<p class="section-title">{html.escape(sec)}</p>')
             h.append('<ul>'); open_ul, cur_sec = True, sec
         cls = ' class="active" aria-current="page"' if f == current else ''
-        h.append(f'<li><a href="{rel}{outs[f]}"{cls}>{html.escape(titles[f])}</a></li>')
+        label = re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(titles[f]))
+        h.append(f'<li><a href="{rel}{outs[f]}"{cls}>{label}</a></li>')
     if open_ul: h.append('</ul>')
     return '\n'.join(h)
 
@@ -459,7 +460,7 @@ class _Scan(HTMLParser):
         if tag == 'img': self.imgs.append(a.get('src', ''))
         if tag == 'math': self.maths += 1
         cls = (a.get('class') or '').split()
-        if 'cell-output-error' in cls: self.errors += 1
+        if 'cell-output-error' in cls and 'docs-error' not in cls: self.errors += 1  # the banner is reported by process()
         if tag in ('img', 'br', 'hr', 'meta', 'link', 'input', 'source', 'col', 'wbr', 'area', 'base', 'embed', 'param', 'track'): return
         self.stack.append((tag, 'cell-code' in cls))
         if tag == 'code' and any(c for _, c in self.stack): self.code_cells.append('')
@@ -475,9 +476,12 @@ class _Scan(HTMLParser):
 def scan_page(path: Path) -> _Scan:
     s = _Scan(); s.feed(Path(path).read_text(encoding='utf-8')); return s
 
-def check_site(out: Path = SITE, outs: dict | None = None) -> list[str]:
-    "Static checks on the rendered site; returns a list of problems (empty = fine)."
+def check_site(out: Path = SITE, outs: dict | None = None, notes: list | None = None) -> list[str]:
+    """Static checks on the rendered site; returns a list of problems (empty = fine). Links to a missing #anchor on an
+    existing page are appended to `notes` instead: nbdev links every symbol in _modidx (methods, private helpers), and
+    Quarto leaves the same dangling anchors, so they are worth reading but not a failure."""
     out = Path(out); probs = []
+    if notes is None: notes = []
     outs = outs or {f: output_file(f) for _, f in read_sidebar() if (NBS/f).exists()}
     scans = {}
     for f, o in outs.items():
@@ -485,7 +489,7 @@ def check_site(out: Path = SITE, outs: dict | None = None) -> list[str]:
         if not p.exists(): probs.append(f'{f}: page {o} was not rendered'); continue
         scans[o] = s = scan_page(p)
         if not s.h1.strip(): probs.append(f'{o}: no title (empty <h1>)')
-        if s.errors: probs.append(f'{o}: {s.errors} error output(s) / docs-processing error banner')
+        if s.errors: probs.append(f'{o}: {s.errors} error output(s) in cells')
         prose = ''.join(s.prose)
         if 'Traceback (most recent call last)' in prose: probs.append(f'{o}: a traceback in the page text')
         if '$$' in prose: probs.append(f'{o}: unrendered $$ maths in the text')
@@ -503,10 +507,13 @@ def check_site(out: Path = SITE, outs: dict | None = None) -> list[str]:
             if anchor and target.suffix == '.html':
                 tscan = scans.get(target.relative_to(out).as_posix()) if target.resolve().is_relative_to(out.resolve()) else None
                 ids = tscan.ids if tscan else scan_page(target).ids
-                if anchor not in ids: probs.append(f'{o}: link {href} -> no #{anchor} on that page')
+                if anchor not in ids: notes.append(f'{o}: link {href} -> no #{anchor} on that page')
     return probs
 
 # ---------------------------------------------------------------- API coverage and course structure
+
+# `cli_commands` is the CLI registry each module exports for spruce_nb.cli; its commands are documented on the CLI page.
+API_EXEMPT = {'cli_commands'}
 
 def module_notebooks() -> dict:
     "{module name: notebook path relative to nbs} from the 'File to edit' header of each generated module."
@@ -552,7 +559,7 @@ def api_problems(out: Path = SITE, use_proc: bool = False) -> list[str]:
             s = scan_page(p); text = p.read_text(encoding='utf-8')
             missing = [n for n in api['defs'] if n.lower() not in s.ids]
         if missing: probs.append(f'{mod} ({nb}): no show_doc entry for {missing}')
-        unmentioned = [n for n in api['other'] if not re.search(rf'\b{re.escape(n)}\b', text)]
+        unmentioned = [n for n in api['other'] if n not in API_EXEMPT and not re.search(rf'\b{re.escape(n)}\b', text)]
         if unmentioned: probs.append(f'{mod} ({nb}): exported names never mentioned in the docs: {unmentioned}')
     return probs
 
@@ -586,14 +593,18 @@ def course_problems() -> dict:
 
 # ---------------------------------------------------------------- main
 
-def build(force: bool = False, out: Path = SITE, verbose: bool = True) -> dict:
-    "Process + render + static checks, under the build lock. Returns the process() result plus 'outs', 'problems', timings."
+def build(force: bool = False, out: Path = SITE, verbose: bool = True, render_site: bool = True) -> dict:
+    """Process + render + static checks, under the build lock. Returns the process() result plus 'outs' (None when not
+    rendered), 'problems', 'notes', 'api_problems' and timings."""
     with build_lock():
         t0 = time.time(); res = process(force=force, verbose=verbose); t1 = time.time()
         res['process_s'] = round(t1 - t0, 1)
-        res['outs'] = render(out, errors=res['errors'])
-        res['render_s'] = round(time.time() - t1, 1)
-        res['problems'] = check_site(out, res['outs'])
+        res['outs'], res['problems'], res['notes'], res['render_s'] = None, [], [], 0.0
+        if render_site:
+            res['outs'] = render(out, errors=res['errors'])
+            res['render_s'] = round(time.time() - t1, 1)
+            res['problems'] = check_site(out, res['outs'], res['notes'])
+        res['api_problems'] = api_problems(out) if render_site else api_problems(use_proc=True)
     return res
 
 def main(argv=None):
@@ -601,19 +612,28 @@ def main(argv=None):
     ap.add_argument('--force', action='store_true', help='re-process every notebook (ignore the _proc cache)')
     ap.add_argument('--out', default=str(SITE), help='output folder (default _site/)')
     ap.add_argument('--write-sidebar', action='store_true', help='regenerate nbs/sidebar.yml and exit')
+    ap.add_argument('--no-render', action='store_true', help='only run nbdev processing (no pandoc needed)')
+    ap.add_argument('--json', help='also write the results (errors, problems, timings) to this JSON file')
     args = ap.parse_args(argv)
     if args.write_sidebar:
         SIDEBAR.write_text(sidebar_yaml()); print(f'wrote {SIDEBAR.relative_to(ROOT)}'); return 0
+    render_site = not args.no_render
+    if render_site and not pandoc_path():
+        print('pandoc not found (pip install pypandoc-binary): processing only, no site rendered', file=sys.stderr)
+        render_site = False
     sp = sidebar_problems()
     for p in sp: print('sidebar:', p)
-    res = build(force=args.force, out=Path(args.out))
+    res = build(force=args.force, out=Path(args.out), render_site=render_site)
+    res['sidebar_problems'], res['pandoc'] = sp, pandoc_path()
     for nb, e in res['errors'].items(): print(f'\nPROCESSING FAILED: nbs/{nb}\n{e}')
     for nb, ws in res['warnings'].items(): print(f'warning: nbs/{nb}: {len(ws)} cell(s) mix imports with other code (the docs build executes them)')
     for p in res['problems']: print('site:', p)
-    for p in api_problems(Path(args.out)): print('api:', p)
-    print(f"\nprocessed {len(res['processed'])} file(s) in {res['process_s']} s, rendered {len(res['outs'])} page(s) "
-          f"in {res['render_s']} s -> {Path(args.out)}/index.html")
-    return 1 if (res['errors'] or res['problems'] or sp) else 0
+    if res['notes']: print(f"note: {len(res['notes'])} link(s) to an anchor that does not exist (not an error), e.g. {res['notes'][0]}")
+    for p in res['api_problems']: print('api:', p)
+    print(f"\nprocessed {len(res['processed'])} file(s) in {res['process_s']} s" +
+          (f", rendered {len(res['outs'])} page(s) in {res['render_s']} s -> {Path(args.out)}/index.html" if res['outs'] else ''))
+    if args.json: Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return 1 if (res['errors'] or res['problems'] or res['api_problems'] or sp) else 0
 
 if __name__ == '__main__':  # guard kept as for proc_nbs (it uses 'spawn' with workers)
     sys.exit(main())
