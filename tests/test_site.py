@@ -50,7 +50,8 @@ def test_course_page_covers_every_lesson():
     text = (bd.NBS/'course.md').read_text()
     lessons = [nb for nb in bd.notebooks() if bd.section_of(nb) in bd.LESSON_SECTIONS]
     missing = [nb for nb in lessons if nb not in text]
-    assert not missing, f'nbs/course.md does not mention {missing}'
+    assert not missing, (f'nbs/course.md does not mention {missing}: add them to SESSIONS in tools/course_timings.py '
+                         'and run `OMP_NUM_THREADS=1 python tools/course_timings.py NB.ipynb`')
     todo_but_exists = [nb for nb in lessons if f'TODO {nb}' in text]
     assert not todo_but_exists, f'nbs/course.md still marks existing notebooks as TODO: {todo_but_exists} (add their measured time)'
 

@@ -163,6 +163,11 @@ def process(force: bool = False, verbose: bool = True) -> dict:
                     cause = e.__cause__ or e.__context__
                     msg = str(e).strip()
                     if cause is not None: msg += f'\n{type(cause).__name__}: {cause}'
+                    with contextlib.suppress(Exception):  # nbdev's cell number counts added show_doc cells: name the source cell
+                        raw = json.loads(src.read_text(encoding='utf-8'))['cells']
+                        idx = [i for i, c in enumerate(raw) if c['cell_type'] == 'code' and _txt(c['source']).strip()
+                               and _txt(c['source']).strip() in msg]
+                        if idx: msg = msg.replace(' :\n', f' (cell {idx[-1]} of nbs/{name}, counting from 0):\n', 1)
                     res['errors'][name] = msg
                     with contextlib.suppress(FileNotFoundError): dst.unlink()
                 finally: os.environ.pop('IN_TEST', None)
@@ -538,13 +543,16 @@ def public_api() -> dict:
         res[mod] = {'defs': [n for n in allv if n in defs], 'other': [n for n in allv if n not in defs]}
     return res
 
-def api_problems(out: Path = SITE, use_proc: bool = False) -> list[str]:
+def api_problems(out: Path = SITE, use_proc: bool = False, errors: dict | None = None) -> list[str]:
     """Every function/class in a module's __all__ must have its show_doc heading (h3 with that anchor) on the page of
     the notebook that exports it; every other exported name must at least be mentioned there.
     With `use_proc`, check the processed notebooks in _proc/ instead of the rendered HTML (no pandoc needed)."""
     probs = []
     for mod, api in public_api().items():
         nb = module_notebooks()[mod]
+        if errors and nb in errors:
+            probs.append(f'{mod}: nbs/{nb} failed docs processing, so its page has no API reference ({len(api["defs"])} functions/classes)')
+            continue
         if use_proc:
             p = PROC/nb
             if not p.exists(): probs.append(f'{mod}: nbs/{nb} has no processed copy (its docs processing failed?)'); continue
@@ -604,7 +612,7 @@ def build(force: bool = False, out: Path = SITE, verbose: bool = True, render_si
             res['outs'] = render(out, errors=res['errors'])
             res['render_s'] = round(time.time() - t1, 1)
             res['problems'] = check_site(out, res['outs'], res['notes'])
-        res['api_problems'] = api_problems(out) if render_site else api_problems(use_proc=True)
+        res['api_problems'] = api_problems(out, errors=res['errors']) if render_site else api_problems(use_proc=True, errors=res['errors'])
     return res
 
 def main(argv=None):
