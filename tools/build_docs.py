@@ -429,15 +429,18 @@ def render(out: Path = SITE, errors: dict | None = None, proc_dir: Path = PROC) 
             rel = '../'*depth
             md = page_markdown(page, out/Path(page.out).parent/'figs', rel='')
             if doc_url: md = md.replace(doc_url.rstrip('/') + '/', rel)
-            src_md = Path(td)/'page.md'; src_md.write_text(md, encoding='utf-8')
+            # title and description go in a YAML block so pandoc reads them as markdown (code, maths), like Quarto
+            head = f'---\ntitle: {json.dumps(page.title, ensure_ascii=False)}\n'
+            if page.fm.get('description'): head += f'subtitle: {json.dumps(str(page.fm["description"]), ensure_ascii=False)}\n'
+            src_md = Path(td)/'page.md'; src_md.write_text(head + '---\n\n' + md, encoding='utf-8')
+            plain = lambda t: re.sub(r'[`*]|\$', '', str(t))
             sidebar = _sidebar_html(entries, titles, outs, f, rel, site_title)
             args = [pandoc, str(src_md), '-f', 'markdown+lists_without_preceding_blankline+tex_math_single_backslash-smart',
                     '-t', 'html5', '--standalone', '--mathml', '--toc', '--toc-depth=3', f'--template={tpl}',
-                    '--metadata', f'title={page.title}', '--metadata', f'pagetitle={page.title}',
+                    '--metadata', f'pagetitle={plain(page.title)}',
                     '-V', f'sitetitle={site_title}', '-V', f'rel={rel}', '-V', f'sidebar={sidebar}', '-V', f'source=nbs/{f}',
                     '--highlight-style=pygments', '-o', str(out/page.out)]
-            if page.fm.get('description'): args += ['--metadata', f'subtitle={page.fm["description"]}',
-                                                    '--metadata', f'description-meta={page.fm["description"]}']
+            if page.fm.get('description'): args += ['--metadata', f'description-meta={plain(page.fm["description"])}']
             r = subprocess.run(args, capture_output=True, text=True)
             if r.returncode: raise RuntimeError(f'pandoc failed on {f}: {r.stderr.strip()}')
             # links to notebooks / markdown pages -> their output files
