@@ -54,6 +54,8 @@ def main(argv=None):
     ap.add_argument('--real', action='store_true', help='use the zoo generator and encoder; also print reconstruction and locality')
     ap.add_argument('--zoo', default=os.environ.get('SPRUCE_ZOO', '/work/scratch/zoo'))
     ap.add_argument('--no-multi-id', action='store_true')
+    ap.add_argument('--real-steps', type=int, default=350, help='--real: PTI step budget for the reconstruction table (reference 350)')
+    ap.add_argument('--threshold', type=float, default=0.06, help='--real: early-stop LPIPS (reference 0.06; 0 = off, see nbs/08_pti §8)')
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     seed_everything(0)
@@ -92,13 +94,13 @@ def main(argv=None):
     print(f'per step and image: sequential {t_seq / n / a.steps * 1e3:.0f} ms, batched {t_bat / n / a.steps * 1e3:.0f} ms '
           f'(reference anchor: ~10 min/image on CPU at 1024 px, PTI#25)')
     if a.real:
-        cfg_r = pti.PTIConfig()                                          # the full recipe: 350 steps, early stop at LPIPS 0.06
+        cfg_r = pti.PTIConfig(steps=a.real_steps, lpips_threshold=a.threshold)   # reference: 350 steps, early stop at LPIPS 0.06
         res, t = timed(lambda: pti.pivotal_tuning(G, x, ws_pivot=ws, cfg=cfg_r))
         avg = synthesize(G, G.mapping.w_avg[None, None].repeat(n, G.num_ws, 1))
         tab = {'w_avg image': reconstruction_metrics(avg, x), 'e4e': reconstruction_metrics(synthesize(G, ws), x),
                'e4e + PTI': reconstruction_metrics(res.reconstructions(), x)}
         print(f'\n# reconstruction of {n} held-out test phantoms (MSE on [0,1], LPIPS-VGG{"" if pti_lpips_real() else " with a RANDOM trunk"}); '
-              f'PTI full recipe: {t / n:.1f} s/image, steps used {res.steps.tolist()}')
+              f'PTI {a.real_steps} steps max, threshold {a.threshold}, locality on: {t / n:.1f} s/image, steps used {res.steps.tolist()}')
         for k, m in tab.items(): print(f"{k:14s} MSE {m['mse']:.3e} ± {m['mse_std']:.1e}   LPIPS {m['lpips']:.4f} ± {m['lpips_std']:.4f}")
         loc = pti.locality_change(res, n=16)
         res0 = pti.pivotal_tuning(G, x, ws_pivot=ws, cfg=cfg_r.replace(locality=False))
