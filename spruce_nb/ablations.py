@@ -39,7 +39,7 @@ BASELINE_LAMBDAS = dict(lambda_perc=0.1, lambda_latent=1e-4, lambda_image=1e-6) 
 
 def epsilon_files(eps255: int) -> tuple[str, str]:
     "Classifier and GMM file names of a model directory for ε = eps255/255 (0: the plain `classifier.pt`, `gmms.pt`)."
-    return ('classifier.pt', 'gmms.pt') if eps255 == 0 else (f'classifier_eps{eps255}.pt', f'gmms_eps{eps255}.pt')
+    return ('classifier.pt', 'gmms.pt') if eps255 == 0 else (f'classifier_trades{eps255}.pt', f'gmms_trades{eps255}.pt')
 
 def epsilon_cells(epsilons: Sequence[int] = THESIS_EPSILONS, overrides: dict | None = None) -> list[SweepCell]:
     "Plain vs robust: one cell per ε (× 1/255), same λs."

@@ -448,7 +448,7 @@ def tiny_model_dir(path,                     # directory to write classifier.pt,
 # %% ../nbs/11a_evaluate.ipynb #1c64c6c9
 def _evaluate_args(p):
     p.add_argument('--model-dir', required=True, help='directory with classifier.pt, generator.pt, encoder.pt, gmms.pt (e.g. a model-zoo entry)')
-    p.add_argument('--classifier', default='classifier.pt', help='classifier file in --model-dir (e.g. classifier_eps8.pt for a robust one)')
+    p.add_argument('--classifier', default='classifier.pt', help='classifier file in --model-dir (e.g. classifier_trades8.pt for a robust one)')
     p.add_argument('--gmms', default='gmms.pt', help="that classifier's feature GMMs in --model-dir")
     p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names (default cardiomegaly:normal)')
     p.add_argument('--n', type=int, default=500, help='correctly classified source images to explain (thesis: 500)')
