@@ -103,7 +103,7 @@ def main(argv=None):
     print()
     print(f"speed-up (CPU time): {sk_cpu_tot / ours_cpu:.1f}x   (wall: {sk_wall_tot / ours_wall:.1f}x)" + ('   [scikit-learn time extrapolated from %d of %d fits]' % (n_sk, n_total) if a.quick else ''))
     print(f"LL difference ours - sklearn: {o.mean() - s.mean():+.5f} nats/sample/feature ({100 * rel:+.3f} % of |sklearn|); "
-          f"features where ours is worse by > 0.01: {int((o < s - 0.01).sum())} of {len(o)}, better by > 0.01: {int((o > s + 0.01).sum())}")
+          f"median per-feature difference {np.median(o - s):+.5f}; features where ours is worse by > 0.01: {int((o < s - 0.01).sum())} of {len(o)}, better by > 0.01: {int((o > s + 0.01).sum())}")
     print(f"goal >= 20x faster: {'met' if sk_cpu_tot / ours_cpu >= 20 else 'NOT met'}; goal LL no worse than sklearn by > 0.5 %: {'met' if rel >= -0.005 else 'NOT met'}")
 
 
