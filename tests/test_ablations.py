@@ -15,13 +15,13 @@ def test_cells_are_one_at_a_time():
     for c in cells[1:]:
         changed = [k for k in BASELINE_LAMBDAS if not math.isclose(c.overrides[k], BASELINE_LAMBDAS[k])]
         assert changed == [c.group]
-    assert epsilon_files(0) == ('classifier.pt', 'gmms.pt') and epsilon_files(8) == ('classifier_eps8.pt', 'gmms_eps8.pt')
+    assert epsilon_files(0) == ('classifier.pt', 'gmms.pt') and epsilon_files(8) == ('classifier_trades8.pt', 'gmms_trades8.pt')
     assert len({c.slug for c in cells + epsilon_cells()}) == len(cells) + 4
 
 def test_tiny_sweep_end_to_end(tmp_path):
     from spruce_nb.data import fit_oracle
     md = tiny_model_dir(tmp_path / 'models')
-    add_robust_classifier(md, 8, steps=15, trades_steps=2)
+    add_robust_classifier(md, 8, steps=12, trades_steps=1)
     oracle = fit_oracle('cxr', n=200, size=32, n_test=50)
     cfg = EvaluationConfig(n=2, batch_size=2, data_n=48, n_real=12, n_figure=2)
     cells = epsilon_cells((0, 8)) + [SweepCell('λ_perc = 1', 'lambda_perc', overrides={**BASELINE_LAMBDAS, 'lambda_perc': 1.0})]
