@@ -61,7 +61,9 @@ def main(argv=None):
     seed_everything(0)
     zoo = Path(a.zoo)
     if a.real:
-        gpath, epath = zoo / 'gan_cxr64' / 'G_ema.pt', zoo / 'e4e_cxr64' / 'encoder.pt'
+        epath = zoo / 'e4e_cxr64' / 'encoder.pt'
+        gpath = epath.parent / 'generator.pt'              # the generator the encoder was trained for
+        if not gpath.exists(): gpath = zoo / 'gan_cxr64' / 'G_ema.pt'
         if not (gpath.exists() and epath.exists()): sys.exit(f'--real needs {gpath} and {epath} (see nbs/05_stylegan2 and nbs/07_e4e).')
         G = load_generator(gpath, device='cpu'); E = load_encoder(epath, G=G, device='cpu')
         what = f'zoo generator {gpath} + encoder {epath}'
