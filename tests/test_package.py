@@ -53,6 +53,8 @@ def test_wheel_imports_outside_source_tree(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     mods = sorted(p.stem for p in PKG.glob('*.py') if p.stem not in ('__init__',))
     for m in mods: assert f'spruce_nb/{m}.py' in names, f'{m}.py missing from the wheel'
+    zoo = sorted(str(p.relative_to(ROOT)) for p in (PKG / 'zoo').rglob('*') if p.is_file())
+    for z in zoo: assert z in names, f'model-zoo file {z} missing from the wheel (package_data in setup.py)'
     target = tmp_path / 'site'
     r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(whl)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,38 @@
+"""The main job: `spruce demo` end to end on the shipped model zoo (small settings), and the zoo's integrity."""
+import json
+from pathlib import Path
+import pytest
+from spruce_nb.demo import ZOO_FILES, zoo_manifest, check_zoo_file, ensure_models
+from spruce_nb.core import load_checkpoint
+
+def test_zoo_files_match_manifest():
+    man = zoo_manifest()
+    assert 'cxr64' in man, 'the model zoo manifest has no cxr64 entry'
+    for name in ZOO_FILES:
+        ok, why = check_zoo_file('cxr64', name, man)
+        assert ok, why
+        f = man['cxr64']['files'][name]
+        assert f['command'] and f['quick_command'] and len(f['commit']) == 40
+        load_checkpoint(Path(__file__).resolve().parents[1] / 'spruce_nb' / 'zoo' / 'cxr64' / name)   # safe loader accepts it
+
+def test_demo_cli_writes_report(tmp_path, capsys):
+    from spruce_nb.cli import main
+    out = tmp_path / 'demo'
+    assert main(['demo', '--out', str(out), '--n', '2', '--steps', '4', '--pti-steps', '3']) == 0
+    md = (out / 'report.md').read_text()
+    assert 'flip ratio' in md and (out / 'report.png').stat().st_size > 10_000
+    res = json.loads((out / 'report.json').read_text())['results']
+    assert set(res) == {'plain', 'TRADES 8/255'}
+    for r in res.values():
+        assert 0 <= r['flip_ratio'] <= 1 and 0 <= r['edit_in_mask'] <= 1
+    assert 'report:' in capsys.readouterr().out
+    assert main(['demo', '--out', str(out), '--n', '2', '--steps', '4', '--pti-steps', '3']) == 2   # never overwrites silently
+
+def test_corrupt_zoo_file_is_rebuilt_with_its_dependents_only(tmp_path):
+    import shutil
+    from spruce_nb.demo import ZOO_DIR
+    zoo = tmp_path / 'zoo'; shutil.copytree(ZOO_DIR, zoo)
+    p = zoo / 'cxr64' / 'gmms_trades8.pt'; b = bytearray(p.read_bytes()); b[-10] ^= 1; p.write_bytes(bytes(b))
+    models, src = ensure_models('cxr64', tmp_path / 'work', zoo_dir=zoo, manifest=zoo_manifest(zoo / 'manifest.json'))
+    assert [k for k, v in src.items() if v != 'zoo'] == ['gmms_trades8.pt'] and 'sha256' in src['gmms_trades8.pt']
+    assert (models / 'gmms_trades8.pt').exists()
