@@ -30,7 +30,7 @@ SESSIONS = [
     ('5. Counterfactuals', 'exceptional features (PIECE), latent optimisation, semifactual trajectories',
      ['09_piece.ipynb', '10_counterfactual.ipynb', 'TODO interactive explorer notebook (issue 14)']),
     ('6. Evaluation', 'metrics against ground truth, the evaluation harness, ablations, the end-to-end demo',
-     ['11_metrics.ipynb', '11a_evaluate.ipynb', '12_ablations.ipynb', 'TODO demo notebook (issue 13)']),
+     ['11_metrics.ipynb', '11a_evaluate.ipynb', '12_ablations.ipynb', '13_demo.ipynb']),
 ]
 
 def measure(nb: str, timeout: int = 600) -> dict:
