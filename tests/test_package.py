@@ -13,23 +13,23 @@ def _git_status():
 def _in_git():
     return subprocess.run(['git', 'rev-parse', '--is-inside-work-tree'], cwd=ROOT, capture_output=True).returncode == 0
 
+def _assert_no_change(code: str, what: str):
+    "Run an nbdev command (its Python API) and assert it changed no tracked file."
+    before = _git_status()
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    after = _git_status()
+    assert before == after, f'{what}:\n{after}'
+
 @pytest.mark.skipif(not _in_git(), reason='not a git checkout')
 def test_export_is_in_sync():
     "nbdev_export must not change any tracked file: the library is exactly what the notebooks say."
-    before = _git_status()
-    r = subprocess.run([sys.executable, '-c', 'from nbdev.doclinks import nbdev_export; nbdev_export.__wrapped__()'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    after = _git_status()
-    assert before == after, f'nbdev_export changed tracked files (run nbdev_export and commit):\n{after}'
+    _assert_no_change('from nbdev.doclinks import nbdev_export; nbdev_export.__wrapped__()', 'nbdev_export changed tracked files (run nbdev_export and commit)')
 
 @pytest.mark.skipif(not _in_git(), reason='not a git checkout')
 def test_notebooks_are_clean():
     "nbdev_clean must be a no-op on committed notebooks (stable metadata, cell ids, no execution counts)."
-    before = _git_status()
-    r = subprocess.run([sys.executable, '-c', 'from nbdev.clean import nbdev_clean; nbdev_clean.__wrapped__()'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    after = _git_status()
-    assert before == after, f'nbdev_clean changed notebooks (run nbdev_clean and commit):\n{after}'
+    _assert_no_change('from nbdev.clean import nbdev_clean; nbdev_clean.__wrapped__()', 'nbdev_clean changed notebooks (run nbdev_clean and commit)')
 
 def test_every_module_has_its_notebook():
     "No orphan modules: each generated module names an existing source notebook (course22p2's flaw)."
