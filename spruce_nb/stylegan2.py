@@ -895,6 +895,39 @@ def _train_gan_args(p):
     p.add_argument('--metric-kimg', type=float, default=None, help='FD8 interval in kimg (default: the snapshot interval; 0 = off)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
+    g = p.add_argument_group('ADA and transfer learning (spruce_nb.augment)')
+    g.add_argument('--ada', action='store_true', help="adaptive discriminator augmentation ('bgc' pipe, p adapted to hold r_t at --target)")
+    g.add_argument('--target', type=float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
+    g.add_argument('--ada-kimg', type=float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
+    g.add_argument('--resume-from', default=None, help='transfer learning: start G/D (and G_ema) from this file, an NVlabs .pkl or a spruce_nb checkpoint')
+    g.add_argument('--freezed', type=int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")
+
+def _ada_and_transfer(args, cfg: StyleGAN2Config) -> dict:
+    "make_trainer keyword arguments for --ada/--resume-from/--freezed (G, D, augment_pipe, callbacks)."
+    kw = {}
+    if args.ada:
+        from spruce_nb.augment import AugmentPipe, AdaptiveP, ada_kimg_default
+        pipe = AugmentPipe(p=0.)
+        ada_kimg = args.ada_kimg if args.ada_kimg is not None else ada_kimg_default(args.resume_from)
+        kw.update(augment_pipe=pipe, callbacks=[AdaptiveP(pipe, target=args.target, kimg=ada_kimg)])
+        print(f"ADA: target r_t {args.target}, ada_kimg {ada_kimg:g}")
+    elif args.ada_kimg is not None: raise ValueError("--ada-kimg needs --ada.")
+    if args.resume_from or args.freezed:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            G, D = cfg.make_generator(), cfg.make_discriminator()
+        started = args.resume and (Path(args.out) / 'last.pt').exists()   # --resume restores everything from last.pt
+        if args.resume_from and not started:
+            from spruce_nb.augment import load_transfer_weights
+            try: info = load_transfer_weights(args.resume_from, G, D)
+            except ValueError as e:
+                if 'holds no discriminator' not in str(e): raise
+                load_transfer_weights(args.resume_from, G, None); info = {}
+                print(f"{args.resume_from} holds a generator only: D starts from scratch.")
+            print(f"transfer learning from {args.resume_from}" + (f" (its augment p {info['augment_p']:.3f} is not reused: p starts at 0)" if info.get('augment_p') else ''))
+        if args.freezed: print(f"Freeze-D: {D.freeze_layers(args.freezed)} frozen")
+        kw.update(G=G, D=D)
+    return kw
 
 def _train_gan(args) -> int:
     try: from spruce_nb.data import dataset_from_spec
@@ -903,11 +936,16 @@ def _train_gan(args) -> int:
     cfg = get_config(args.config, args.res, batch=args.batch, gamma=args.gamma)
     if args.batch is not None and args.config != 'paper256': cfg = cfg.replace(mbstd=min(cfg.mbstd, args.batch))
     t0 = time.time()
+    nets = _ada_and_transfer(args, cfg)
     tr = train_stylegan2(cfg, ds, args.out, kimg=args.kimg, resume=args.resume, snap_kimg=args.snap,
-                         metric_kimg=args.metric_kimg, seed=args.seed, device=args.device)
+                         metric_kimg=args.metric_kimg, seed=args.seed, device=args.device, **nets)
     last = tr.history[-1] if tr.history else {}
     print(f"trained {tr.state.get('cur_nimg', 0) / 1000:.1f} kimg in {time.time() - t0:.0f} s; last: "
           + ', '.join(f'{k}={v:.4g}' for k, v in last.items() if isinstance(v, float)))
+    if 'ada' in tr.state:   # ADA's p and r_t per adjustment, for spruce_nb.augment.plot_ada_history
+        ada = tr.state['ada']
+        with atomic_write(Path(args.out) / 'ada_history.json', overwrite=True, mode='w') as f: json.dump(ada['history'], f)
+        print(f"ADA: p = {ada['p']:.3f}, last r_t = {ada['history']['rt'][-1] if ada['history']['rt'] else float('nan'):.3f} ({Path(args.out) / 'ada_history.json'})")
     print(f"generator: {Path(args.out) / 'G_ema.pt'} (spruce_nb.stylegan2.load_generator); samples: {Path(args.out) / 'fakes_latest.png'}")
     return 0
 
