@@ -344,10 +344,15 @@ def classifier_identity(classifier) -> dict:
                 feature_dim=int(classifier.head.in_features))
 
 # %% ../nbs/09_piece.ipynb #1b5bf9f3
+@dataclass(kw_only=True)
 class _FeatureStats:
-    "Shared part of per-class feature statistics: identity, head copy, save/load, device moves."
-    _tensors: tuple = ()
-    _kind: str = ''
+    "Shared part of per-class feature statistics: identity (keyword-only fields), head copy, save/load, device moves."
+    classes: list = field(default_factory=list)
+    arch: str = ''
+    classifier_sha256: str = ''
+    config: dict = field(default_factory=dict)
+    _tensors = ()                # names of the tensor fields that are saved (set by each subclass)
+    _kind = ''                   # checkpoint kind (set by each subclass)
 
     @property
     def num_classes(self) -> int: return len(self.classes)
@@ -409,10 +414,6 @@ class FeatureGMMs(_FeatureStats):
     counts: torch.Tensor         # |L_c|, images predicted as each class [C]
     head_weight: torch.Tensor    # S.weight [C, D]
     head_bias: torch.Tensor      # S.bias [C]
-    classes: list = field(default_factory=list)
-    arch: str = ''
-    classifier_sha256: str = ''
-    config: dict = field(default_factory=dict)
     _tensors = ('weights', 'means', 'stds', 'counts', 'head_weight', 'head_bias')
     _kind = 'feature_gmms'
 
@@ -530,10 +531,6 @@ class FeatureHurdles(_FeatureStats):
     counts: torch.Tensor         # images predicted as each class [C]
     head_weight: torch.Tensor    # S.weight [C, D]
     head_bias: torch.Tensor      # S.bias [C]
-    classes: list = field(default_factory=list)
-    arch: str = ''
-    classifier_sha256: str = ''
-    config: dict = field(default_factory=dict)
     _tensors = ('bern', 'dist', 'params', 'ks_p', 'counts', 'head_weight', 'head_bias')
     _kind = 'feature_hurdles'
 
