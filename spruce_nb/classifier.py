@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, to_unit, get_device, seed_everything, is_tiny,
-                            save_checkpoint, load_checkpoint, atomic_write, progress)
+                            save_checkpoint, load_checkpoint, atomic_write, progress, add_data_args)
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXT_PRESETS', 'cli_commands', 'create_backbone', 'Classifier',
@@ -569,9 +569,7 @@ def _train_run(args) -> int:
 
 def _eval_args(p):
     p.add_argument('--ckpt', required=True, help='classifier checkpoint (classifier.pt)')
-    p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK', a folder, or 'medmnist:PATH.npz'")
-    p.add_argument('--split', default='test', help='split to evaluate (default test)')
-    p.add_argument('--n', type=int, default=None, help='phantoms: number of images (default 1000)')
+    add_data_args(p, split='test', n_help='phantoms: number of images (default 1000)')
     p.add_argument('--out', default=None, help='directory for confusion.png and report.json')
     p.add_argument('--device', default=None)
 

@@ -16,7 +16,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'to_unit', 'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config',
            'atomic_write', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError', 'Checkpoint',
-           'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand']
+           'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand', 'add_data_args']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -315,3 +315,15 @@ class CLICommand:
     help: str                                  # one line shown by `spruce --help`
     add_args: Callable                         # fn(argparse.ArgumentParser) adding the options
     run: Callable                              # fn(argparse.Namespace) -> int | None (exit code)
+
+# %% ../nbs/00_core.ipynb #e0ca1607
+def add_data_args(p,                                          # the sub-command's `argparse` parser
+                  split: str = 'test',                        # default of --split
+                  n_help: str = 'phantoms: number of images', # what --n means for this command
+                  note: str = '',                             # appended to the --data help
+                 ):
+    "Add the shared `--data SPEC`, `--split` and `--n` options of a command that reads images with `dataset_from_spec`; returns `p`."
+    p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK', a folder root/<class>/*.png, or 'medmnist:PATH.npz'" + note)
+    p.add_argument('--split', default=split, help=f'split to use (default {split})')
+    p.add_argument('--n', type=int, default=None, help=n_help)
+    return p

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (CLICommand, Config, check_images, get_device, is_tiny, progress, save_checkpoint,
-                            load_checkpoint, state_sha256, atomic_write, seed_everything)
+                            load_checkpoint, state_sha256, atomic_write, seed_everything, add_data_args)
 
 # %% auto #0
 __all__ = ['cli_commands', 'GMM1D', 'fit_gmm_1d', 'CollectedFeatures', 'collect_features', 'classifier_identity', 'FeatureGMMs',
@@ -754,9 +754,7 @@ def plot_exceptional_features(stats: FeatureGMMs,             # fitted statistic
 # %% ../nbs/09_piece.ipynb #e6f411c7
 def _fit_args(p):
     p.add_argument('--model', required=True, help='classifier checkpoint (classifier.pt from train-classifier)')
-    p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK', a folder root/<class>/*.png, or 'medmnist:PATH.npz' (images the classifier was trained on)")
-    p.add_argument('--split', default='train', help='split to use (default train)')
-    p.add_argument('--n', type=int, default=None, help='phantoms: number of images (default: the split size)')
+    add_data_args(p, split='train', n_help='phantoms: number of images (default: the split size)', note=' (images the classifier was trained on)')
     p.add_argument('--out', required=True, help='output file (feature_gmms.pt)')
     p.add_argument('--k', type=int, default=5, help='Gaussian components per feature (thesis: 5)')
     p.add_argument('--n-init', type=int, default=3, help='initialisations per feature (default 3)')

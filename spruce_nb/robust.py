@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .core import CLICommand, check_images, get_device, is_tiny
+from .core import CLICommand, check_images, get_device, is_tiny, add_data_args
 from .classifier import Classifier, ClassifierConfig, check_labels, _xy, _loader
 
 # %% auto #0
@@ -197,9 +197,7 @@ def mask_energy_fraction(grads: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 # %% ../nbs/04_trades.ipynb #0982aa06
 def _robust_args(p):
     p.add_argument('--ckpt', required=True, help='classifier checkpoint (classifier.pt)')
-    p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK', a folder, or 'medmnist:PATH.npz'")
-    p.add_argument('--split', default='test', help='split to evaluate (default test)')
-    p.add_argument('--n', type=int, default=None, help='number of images (phantoms: generated; others: the first N)')
+    add_data_args(p, split='test', n_help='number of images (phantoms: generated; others: the first N)')
     p.add_argument('--eps', type=float, default=None, help='L-inf budget in /255 units (default: the training eps, else 8)')
     p.add_argument('--steps', type=int, default=20, help='PGD steps (default 20; alpha = eps/4)')
     p.add_argument('--device', default=None)
