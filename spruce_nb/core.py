@@ -263,10 +263,11 @@ def load_checkpoint(path: str | Path,        # File written by `save_checkpoint`
 
 # %% ../nbs/00_core.ipynb #13e071f6
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, leave: bool = True, **kwargs):
-    "A `tqdm.auto` progress bar (disabled when `$SPRUCE_PROGRESS=0`)."
+    "A `tqdm.auto` progress bar; `$SPRUCE_PROGRESS=0` disables it whatever `disable` the caller passes."
     from tqdm.auto import tqdm
-    disable = os.environ.get('SPRUCE_PROGRESS', '1').strip() in ('0', 'false', 'no')
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=kwargs.pop('disable', disable), dynamic_ncols=True, **kwargs)
+    disable = kwargs.pop('disable', False)            # the caller's choice (None: tqdm's own, off when not a terminal)
+    if os.environ.get('SPRUCE_PROGRESS', '1').strip() in ('0', 'false', 'no'): disable = True
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True, **kwargs)
 
 # %% ../nbs/00_core.ipynb #4e8ccc79
 def image_to_numpy(x: torch.Tensor) -> np.ndarray:

@@ -272,3 +272,16 @@ def test_cli_fit_gmms(phantom_setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(['fit-gmms', '--model', str(tmp_path / 'nope.pt'), '--out', str(tmp_path / 'x.pt')]) == 2
     assert 'not found' in capsys.readouterr().err
+
+
+def test_progress_bars_obey_spruce_progress(monkeypatch, capsys):
+    "Outside tests (is_tiny() false) collect_features shows a bar, which SPRUCE_PROGRESS=0 must silence (spruce fit-gmms)."
+    import spruce_nb.piece as piece
+    monkeypatch.setattr(piece, 'is_tiny', lambda: False)
+    m = StandIn(d=3).eval(); ims = torch.rand(8, 3, 16, 16) * 2 - 1
+    monkeypatch.setenv('SPRUCE_PROGRESS', '1'); capsys.readouterr()
+    collect_features(m, ims, batch_size=4)
+    assert 'features' in capsys.readouterr().err                    # the bar is there when allowed...
+    monkeypatch.setenv('SPRUCE_PROGRESS', '0')
+    collect_features(m, ims, batch_size=4)
+    assert 'features' not in capsys.readouterr().err                # ...and gone when switched off
