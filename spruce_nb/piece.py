@@ -37,16 +37,20 @@ def _mstep(S: torch.Tensor, var_floor: float):
     var = (S[..., 2] / Nk - mu * mu).clamp_min(var_floor)
     return Nk / Nk.sum(-1, keepdim=True), mu, var
 
+def _normalise_(lp):
+    "In place: log-joints lp [F, K, M] → responsibilities (softmax over K); returns the log-normaliser log Σ_k exp(lp) [F, 1, M]."
+    mx = lp.amax(1, keepdim=True)
+    lp.sub_(mx).exp_()
+    s = lp.sum(1, keepdim=True)
+    lp.div_(s)
+    return s.log_().add_(mx)
+
 def _estep_grouped(G3, m, v, w, mu, var):
     "Grouped E-step: G3 [F, G, 3] = n_g·(1, m_g, m_g² + v_g); returns statistics [F, K, 3] and the bound (mean log-lik) [F]."
     logc = (w.log() - 0.5 * (_LOG2PI + var.log()))[..., None]
     d = m[:, None, :] - mu[..., None]                                       # [F, K, G]
     lp = d.square_().add_(v[:, None, :]).mul_(-(0.5 / var)[..., None]).add_(logc)
-    mx = lp.amax(1, keepdim=True)
-    lp.sub_(mx).exp_()
-    s = lp.sum(1, keepdim=True)
-    lp.div_(s)
-    lse = s.log_().add_(mx)[:, 0, :]                                        # [F, G]
+    lse = _normalise_(lp)[:, 0, :]                                          # [F, G]
     n = G3[..., 0]
     return torch.bmm(lp, G3), (lse * n).sum(-1) / n.sum(-1)
 
@@ -61,11 +65,7 @@ def _estep_full(xs, w, mu, var, chunk: int):
         e = slice(s, min(s + chunk, Fn)); b = buf[:e.stop - s]; xc = xs[e]
         torch.sub(xc[:, None, :], mu[e, :, None], out=b)
         b.mul_(isig[e]).square_().mul_(-0.5).add_(logc[e])
-        mx = b.amax(1, keepdim=True)
-        b.sub_(mx).exp_()
-        sm = b.sum(1, keepdim=True)
-        b.div_(sm)
-        ll[e] = sm.log_().add_(mx).mean((1, 2))
+        ll[e] = _normalise_(b).mean((1, 2))
         torch.bmm(b, torch.stack([torch.ones_like(xc), xc, xc * xc], -1), out=S[e])
     return S, ll
 
