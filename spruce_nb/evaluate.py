@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import (CLICommand, Config, atomic_write, get_device, progress, seed_everything, state_sha256,
-                            file_sha256, image_to_numpy, is_tiny)
+                            file_sha256, image_to_numpy, is_tiny, check_images)
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'EvaluationConfig',
-           'select_correctly_classified', 'summarise', 'markdown_table', 'plot_evaluation_grid', 'EvaluationResult',
-           'evaluate_counterfactuals', 'tiny_model_dir']
+           'select_correctly_classified', 'summarise', 'markdown_table', 'nearest_real_l1', 'plot_evaluation_grid',
+           'EvaluationResult', 'evaluate_counterfactuals', 'tiny_model_dir']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -148,7 +148,8 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractor, oracle, c
 
 # %% ../nbs/11a_evaluate.ipynb #7ef8d52d
 THESIS_COLUMNS = [('fid', 'FID ↓'), ('cmmd', 'CMMD ↓'), ('flip_ratio', 'Flip ratio ↑'), ('l1', 'L1 ↓'), ('confidence', 'Confidence ↑')]
-EXTRA_COLUMNS = [('mse', 'MSE ↓'), ('lpips', 'LPIPS ↓'), ('concentration', 'Concentration ↓'), ('recon_mse', 'Inversion MSE ↓')]
+EXTRA_COLUMNS = [('mse', 'MSE ↓'), ('lpips', 'LPIPS ↓'), ('concentration', 'Concentration ↓'), ('recon_mse', 'Inversion MSE ↓'),
+                 ('l1_nearest_target', 'L1 to nearest real target'), ('below_nearest', 'L1 < nearest ↑')]
 GT_COLUMNS = [('edit_err', 'Edit error ↓'), ('in_mask', 'In-mask energy ↑'), ('edit_cos', 'Edit cosine ↑'), ('leak', 'Leakage ↓'),
               ('t_star', 't* (→1)'), ('path_residual', 'Path residual ↓'), ('oracle_flip', 'Oracle flip ↑')]
 
@@ -199,6 +200,22 @@ def _write_csv(path, rows: list[dict]):
     w = csv.DictWriter(buf, fieldnames=keys, lineterminator='\n'); w.writeheader()
     for r in rows: w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     with atomic_write(path, overwrite=True, mode='w') as f: f.write(buf.getvalue())
+
+# %% ../nbs/11a_evaluate.ipynb #a742fc89
+@torch.no_grad()
+def nearest_real_l1(images: torch.Tensor,  # [N,3,H,W] in [-1, 1]
+                    pool: torch.Tensor,    # [M,3,H,W] in [-1, 1]: the real images to compare with (e.g. the target class, training split)
+                    chunk: int = 256,      # pool images compared at a time
+                   ) -> torch.Tensor:
+    "Per image, the smallest per-pixel L1 (in [0, 1] units, as `metrics.l1_per_pixel`) to any image of `pool`: [N]."
+    check_images(images, name='images'); check_images(pool, size=images.shape[-1], name='pool')
+    a = ((images.float() + 1) / 2).flatten(1)
+    best = torch.full((len(a),), float('inf'))
+    for i in range(0, len(pool), chunk):
+        b = ((pool[i:i + chunk].float() + 1) / 2).flatten(1).to(a.device)
+        best = torch.minimum(best, torch.cdist(a, b, p=1).min(1).values.cpu() / a.shape[1])
+    return best
+
 
 # %% ../nbs/11a_evaluate.ipynb #2b440c6c
 def plot_evaluation_grid(images: dict,              # uint8 image stacks: original, reconstruction, counterfactual (+ true_counterfactual, mask)
@@ -303,6 +320,14 @@ def _load_batches(out: Path, nb: int | None):
 
 _OUTPUTS = ('fingerprint.json', 'selection.json', 'oracle.pt', 'per_image.csv', 'summary.csv', 'summary.md', 'figure.png', 'report.json')
 
+def _add_nearest_l1(rows: list, ds, pool_ds, target: int):
+    "Add `l1_nearest_target` and `below_nearest` to each row (pool: `pool_ds`'s images of class `target`)."
+    pool_idx = [int(i) for i in torch.nonzero(_labels_of(pool_ds) == target).flatten()][:256 if is_tiny() else None]  # tiny mode: a small pool
+    if not pool_idx: return
+    pool = torch.cat([_items(pool_ds, pool_idx[i:i + 512]) for i in range(0, len(pool_idx), 512)])
+    d = nearest_real_l1(_items(ds, [r['index'] for r in rows]), pool)
+    for r, v in zip(rows, d.tolist()): r.update(l1_nearest_target=v, below_nearest=float(r['l1'] < v))
+
 def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterfactual.Spruce` explainer
                              data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
                              source_class: str = 'cardiomegaly', # c: class explained (its correctly classified images)
@@ -320,6 +345,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
                              overwrite: bool = False,    # discard a previous run in out_dir instead of continuing it
                              command: str | None = None, # the command line, recorded in the report
                              show_progress: bool = True,
+                             nearest_split: str | None = 'train', # split whose target-class images give the nearest-real L1 baseline (None: skip)
                             ) -> EvaluationResult:
     "Explain N correctly classified held-out source images, score them, and write the thesis' table (CSV, Markdown), a figure and a JSON report; resumable."
     from spruce_nb.data import dataset_from_spec
@@ -377,6 +403,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     # set level: real target-class images of the same held-out split
     real_idx = _ordered(_labels_of(ds), names.index(cfg.target_class), cfg.seed + 1)[:cfg.n_real or None]
     real = torch.cat([ext(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1)
+    if isinstance(data, str) and nearest_split:   # L1 baseline: nearest real target-class image of the training split
+        _add_nearest_l1(rows, ds, dataset_from_spec(data, split=nearest_split, size=spruce.resolution, seed=cfg.data_seed), names.index(cfg.target_class))
     summary = summarise(rows, feats, real, label=label, unbiased=cfg.cmmd_unbiased)
     gt = _is_phantom(ds)
     causal = list(getattr(ds, 'causal_names', ()))
