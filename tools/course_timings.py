@@ -28,7 +28,7 @@ SESSIONS = [
     ('4. Inversion', 'from an image to latent codes: the e4e encoder, then pivotal tuning',
      ['07_e4e.ipynb', '08_pti.ipynb']),
     ('5. Counterfactuals', 'exceptional features (PIECE), latent optimisation, semifactual trajectories',
-     ['09_piece.ipynb', '10_counterfactual.ipynb', 'TODO interactive explorer notebook (issue 14)']),
+     ['09_piece.ipynb', '10_counterfactual.ipynb', '14_explorer.ipynb']),
     ('6. Evaluation', 'metrics against ground truth, the evaluation harness, ablations, the end-to-end demo',
      ['11_metrics.ipynb', '11a_evaluate.ipynb', '12_ablations.ipynb', '13_demo.ipynb']),
 ]
