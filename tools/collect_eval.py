@@ -1,0 +1,44 @@
+"""Collect finished `spruce evaluate` runs into one small JSON for the notebooks and the README.
+
+    python tools/collect_eval.py RUN_DIR [RUN_DIR ...] --out nbs/data/eval_cxr64.json
+
+Per run: the command, the set-level summary rows (FID, CMMD against the run's extractor), and for every per-image
+column its mean with a normal-approximation 95 % interval (1.96·s/√n), so two runs can be compared honestly.
+"""
+import argparse, csv, json, math, statistics
+from pathlib import Path
+
+COLUMNS = ['flipped', 'confidence', 'l1', 'l1_nearest_target', 'below_nearest', 'lpips', 'recon_mse', 'in_mask', 'edit_cos',
+           'leak', 'oracle_flip', 'oracle_d_ctr', 'true_d_ctr', 'crossing_step']
+
+
+def collect(run: Path) -> dict:
+    rep = json.loads((run / 'report.json').read_text())
+    rows = list(csv.DictReader(open(run / 'per_image.csv')))
+    stats = {}
+    for k in COLUMNS:
+        v = [float(r[k]) for r in rows if r.get(k) not in (None, '')]
+        if k == 'crossing_step': v = [x for x in v if x >= 0]
+        if len(v) >= 2: stats[k] = dict(mean=statistics.fmean(v), ci95=1.96 * statistics.stdev(v) / math.sqrt(len(v)), n=len(v))
+    fp = rep['fingerprint']
+    return dict(label=fp['label'], command=rep['command'], n=rep['n_evaluated'], extractor=rep['extractor'],
+                lpips_trunk=rep['lpips']['trunk'], use_pti=fp['use_pti'], counterfactual=fp['counterfactual'],
+                set_level=[{k: r.get(k) for k in ('row', 'fid', 'cmmd')} for r in rep['summary']],
+                per_image=stats, seconds_last_call=rep['seconds_this_call'])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('runs', nargs='+')
+    p.add_argument('--out', required=True)
+    a = p.parse_args(argv)
+    res = [collect(Path(r)) for r in a.runs]
+    Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
+    for r in res:
+        s = r['per_image']
+        print(r['label'], {k: f"{v['mean']:.3f}±{v['ci95']:.3f}" for k, v in s.items()})
+    print(f'wrote {a.out}')
+
+
+if __name__ == '__main__':
+    main()
