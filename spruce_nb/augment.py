@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_ada.ipynb #0bd06ea7
 from __future__ import annotations
-import io, math, pickle, hashlib, warnings, collections, re
+import io, json, math, pickle, hashlib, warnings, collections, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,7 +21,8 @@ __all__ = ['AUGMENT_SPECS', 'GEOMETRIC_OPS', 'COLOR_OPS', 'NVLABS_PICKLE_ALLOWLI
            'AugmentPipe', 'affine_warp', 'ada_adjustment', 'AdaptiveP', 'ada_kimg_default', 'plot_ada_history',
            'discriminator_layers', 'freeze_discriminator', 'UnsafePickleError', 'PersistentRecord',
            'RestrictedUnpickler', 'NVlabsSnapshot', 'read_nvlabs_pickle', 'map_nvlabs_names', 'load_state_strict',
-           'nvlabs_generator_kwargs', 'nvlabs_discriminator_kwargs', 'load_nvlabs_pickle', 'load_transfer_weights']
+           'nvlabs_generator_kwargs', 'nvlabs_discriminator_kwargs', 'load_nvlabs_pickle', 'load_transfer_weights',
+           'ada_history_from_run']
 
 # %% ../nbs/06_ada.ipynb #cc77f214
 try:  # the shared training loop; the ADA controller is one of its callbacks
@@ -664,3 +665,17 @@ def _import_nvlabs(args) -> int:
 
 cli_commands = [CLICommand('import-nvlabs', "convert an NVlabs stylegan2-ada-pytorch .pkl into a spruce_nb generator checkpoint (never runs the pickle's code)",
                            _import_nvlabs_args, _import_nvlabs)]
+
+# %% ../nbs/06_ada.ipynb #296b71d4
+def ada_history_from_run(run_dir: str | Path,  # the --out folder of a `spruce train-gan` run
+                        ) -> dict[str, list]:
+    "$p$ and $r_t$ of a `spruce train-gan` run: `ada_history.json` (with `--ada`), else $r_t$ = the logged `signs_real` and $p = 0$."
+    run_dir = Path(run_dir)
+    if (run_dir / 'ada_history.json').exists():
+        h = json.loads((run_dir / 'ada_history.json').read_text())
+        return {k: list(h[k]) for k in ('step', 'kimg', 'p', 'rt')}
+    hp = run_dir / 'history.json'
+    if not hp.exists(): raise FileNotFoundError(f"{run_dir}: neither ada_history.json nor history.json; give the --out folder of a `spruce train-gan` run.")
+    rows = [r for r in json.loads(hp.read_text()) if 'signs_real' in r]
+    if not rows: raise ValueError(f"{hp}: no 'signs_real' column (not a spruce_nb.stylegan2 run?).")
+    return dict(step=[int(r['step']) for r in rows], kimg=[float(r['kimg']) for r in rows], p=[0.] * len(rows), rt=[float(r['signs_real']) for r in rows])

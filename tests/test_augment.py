@@ -246,13 +246,14 @@ def test_adaptive_p_consumes_stylegan2_step_stats_and_measure_only_mode():
         assert float(pipe.p) == pytest.approx(h['p'][-1])
 
 
-def _sg2_pickle(tmp_path, sg2):
-    gkw = dict(z_dim=16, w_dim=16, c_dim=0, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),
-               synthesis_kwargs=dict(channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=None))
+def _sg2_pickle(tmp_path, sg2, res=16, z=16, base=128, cmax=16):
+    "An NVlabs-structured snapshot of a small G/D (res=32, z=64, base=1024, cmax=32 is the architecture of `--config tiny --res 32`)."
+    gkw = dict(z_dim=z, w_dim=z, c_dim=0, img_resolution=res, img_channels=3, mapping_kwargs=dict(num_layers=2),
+               synthesis_kwargs=dict(channel_base=base, channel_max=cmax, num_fp16_res=0, conv_clamp=None))
     torch.manual_seed(1)
     G = sg2.Generator(**nvlabs_generator_kwargs(gkw))
     with torch.no_grad(): G.mapping.w_avg.normal_()
-    dkw = dict(c_dim=0, img_resolution=16, channel_base=128, channel_max=16, epilogue_kwargs=dict(mbstd_group_size=4))
+    dkw = dict(c_dim=0, img_resolution=res, channel_base=base, channel_max=cmax, epilogue_kwargs=dict(mbstd_group_size=4))
     D = sg2.Discriminator(**nvlabs_discriminator_kwargs(dkw)[0])
     _write(tmp_path / 'n.pkl', dict(G=G, D=D, G_ema=G, augment_pipe=None), dict(G=('Generator', gkw), D=('Discriminator', dkw), G_ema=('Generator', gkw)),
            _payload(tmp_path / 'PWNED'))
@@ -293,3 +294,93 @@ def test_transfer_from_spruce_checkpoints(tmp_path):
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     assert torch.equal(D3.eval()(x), tr.modules['D'].eval()(x))
     assert torch.equal(Ge3.eval()(z, noise_mode='const'), tr.ema['G'].module.eval()(z, noise_mode='const'))
+
+
+# ---------------------------------------------------------------- spruce train-gan --ada / --resume-from / --freezed
+# 32-px runs (the smallest phantom size) of `--config tiny` with batch 4 and 2-16 steps: each CLI call takes a few seconds on one core.
+_TG = ['train-gan', '--data', 'phantoms:cxr:cardiomegaly-vs-normal', '--n', '16', '--res', '32', '--config', 'tiny',
+       '--batch', '4', '--metric-kimg', '0', '--device', 'cpu']
+
+
+def _last_state(path):
+    from spruce_nb.core import load_checkpoint
+    return load_checkpoint(path).state
+
+
+def test_cli_train_gan_ada_writes_history_and_p_follows_the_controller(tmp_path, capsys):
+    pytest.importorskip('spruce_nb.stylegan2')
+    import json
+    from spruce_nb.cli import main
+    # --target -1.5 < every possible r_t: each adjustment must raise p by B*4/(ada_kimg*1000) = 4*4/100 = 0.16
+    assert main(_TG + ['--kimg', '0.064', '--out', str(tmp_path / 'r'), '--ada', '--ada-kimg', '0.1', '--target', '-1.5']) == 0
+    h = json.loads((tmp_path / 'r' / 'ada_history.json').read_text())
+    assert sorted(h) == ['kimg', 'p', 'rt', 'step'] and h['step'] == [4, 8, 12, 16]
+    assert h['p'] == pytest.approx([0.16, 0.32, 0.48, 0.64]) and all(-1 <= r <= 1 for r in h['rt'])
+    assert h['kimg'] == pytest.approx([0.016, 0.032, 0.048, 0.064])
+    assert 'ada_kimg 0.1' in capsys.readouterr().out
+    # the default target 0.6: p moves by +-0.16 as sign(r_t - 0.6) says, clamped to [0, 1]
+    assert main(_TG + ['--kimg', '0.032', '--out', str(tmp_path / 's'), '--ada', '--ada-kimg', '0.1']) == 0
+    h = json.loads((tmp_path / 's' / 'ada_history.json').read_text())
+    p = 0.
+    assert len(h['p']) == 2
+    for rt, got in zip(h['rt'], h['p']):
+        p = min(max(p + 0.16 * ((rt > 0.6) - (rt < 0.6)), 0.), 1.)
+        assert got == pytest.approx(p)
+    assert not (tmp_path / 'noada').exists()
+    assert main(_TG + ['--kimg', '0.016', '--out', str(tmp_path / 'noada')]) == 0    # without --ada: no ADA history
+    assert not (tmp_path / 'noada' / 'ada_history.json').exists() and 'augment_pipe' not in _last_state(tmp_path / 'noada' / 'last.pt')['modules']
+
+
+def test_cli_train_gan_bad_ada_and_freezed_flags(tmp_path, capsys):
+    pytest.importorskip('spruce_nb.stylegan2')
+    from spruce_nb.cli import main
+    assert main(_TG + ['--kimg', '0.016', '--out', str(tmp_path / 'a'), '--ada-kimg', '5']) == 2
+    assert '--ada-kimg needs --ada' in capsys.readouterr().err
+    assert main(_TG + ['--kimg', '0.016', '--out', str(tmp_path / 'b'), '--freezed', '99']) == 2
+    err = capsys.readouterr().err
+    assert 'must be in [0, ' in err and 'got 99' in err
+    assert main(_TG + ['--kimg', '0.016', '--out', str(tmp_path / 'c'), '--resume-from', str(tmp_path / 'missing.pkl')]) == 2
+    assert 'missing.pkl: no such file' in capsys.readouterr().err
+    assert not (tmp_path / 'a' / 'last.pt').exists() and not (tmp_path / 'b' / 'last.pt').exists()
+
+
+def test_cli_train_gan_resume_from_generator_only_checkpoint(tmp_path, capsys):
+    sg2 = pytest.importorskip('spruce_nb.stylegan2')
+    from spruce_nb.cli import main
+    G, _, gkw = _sg2_pickle(tmp_path, sg2, res=32, z=64, base=1024, cmax=32)   # the architecture of --config tiny --res 32
+    sg2.export_generator(G, tmp_path / 'G_ema.pt')
+    assert main(_TG + ['--kimg', '0.008', '--out', str(tmp_path / 'r'), '--resume-from', str(tmp_path / 'G_ema.pt')]) == 0
+    assert 'holds a generator only: D starts from scratch' in capsys.readouterr().out
+    st = _last_state(tmp_path / 'r' / 'last.pt')
+    cfg = sg2.get_config('tiny', 32, batch=4)
+    G2, D2 = cfg.make_generator(), cfg.make_discriminator()
+    load_transfer_weights(tmp_path / 'r' / 'last.pt', G2, D2)
+    src, fresh = G.state_dict(), cfg.make_generator().state_dict()
+    for k, v in G2.state_dict().items():    # 2 Adam steps (lr 0.0025) away from the source, far from a fresh init
+        if k.endswith('.weight') or k.endswith('.const'):   # random at init (biases start at 0 or 1 in both)
+            assert (v - src[k]).abs().max() < 0.05 * (1 + src[k].abs().max()), k
+            assert (fresh[k] - src[k]).abs().max() > 0.1 * (1 + src[k].abs().max()), k
+    # a wrong architecture is refused before training, with the fix in the message
+    assert main(['train-gan'] + _TG[1:] + ['--kimg', '0.008', '--out', str(tmp_path / 'w'), '--res', '64',
+                                           '--resume-from', str(tmp_path / 'G_ema.pt')]) == 2
+    assert 'do not fit this architecture' in capsys.readouterr().err
+
+
+def test_cli_train_gan_resume_from_nvlabs_pickle_with_freeze_d(tmp_path, capsys):
+    sg2 = pytest.importorskip('spruce_nb.stylegan2')
+    from spruce_nb.cli import main
+    G, D, gkw = _sg2_pickle(tmp_path, sg2, res=32, z=64, base=1024, cmax=32)
+    d0 = {k: v.clone() for k, v in D.state_dict().items()}
+    assert main(_TG + ['--kimg', '0.016', '--out', str(tmp_path / 'r'), '--resume-from', str(tmp_path / 'n.pkl'),
+                       '--freezed', '2', '--ada', '--ada-kimg', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'transfer learning from' in out and "Freeze-D: ['b32.fromrgb', 'b32.conv0'] frozen" in out
+    assert not (tmp_path / 'PWNED').exists()                                 # the pickle's module_src never ran
+    D2 = sg2.get_config('tiny', 32, batch=4).make_discriminator()
+    Gx = sg2.get_config('tiny', 32, batch=4).make_generator()
+    load_transfer_weights(tmp_path / 'r' / 'last.pt', Gx, D2)
+    d1 = D2.state_dict()
+    for k in ('b32.fromrgb.weight', 'b32.fromrgb.bias', 'b32.conv0.weight', 'b32.conv0.bias'):
+        assert torch.equal(d1[k], d0[k]), k                                  # frozen: exactly the pickle's weights
+    assert not torch.equal(d1['b32.conv1.weight'], d0['b32.conv1.weight'])  # trained
+    assert (d1['b32.conv1.weight'] - d0['b32.conv1.weight']).abs().max() < 0.1   # ... starting from the pickle's D
