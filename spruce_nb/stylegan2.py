@@ -925,7 +925,9 @@ def _ada_and_transfer(args, cfg: StyleGAN2Config) -> dict:
                 load_transfer_weights(args.resume_from, G, None); info = {}
                 print(f"{args.resume_from} holds a generator only: D starts from scratch.")
             print(f"transfer learning from {args.resume_from}" + (f" (its augment p {info['augment_p']:.3f} is not reused: p starts at 0)" if info.get('augment_p') else ''))
-        if args.freezed: print(f"Freeze-D: {D.freeze_layers(args.freezed)} frozen")
+        if args.freezed:
+            try: print(f"Freeze-D: {D.freeze_layers(args.freezed)} frozen")
+            except ValueError as e: raise ValueError(f"--freezed {args.freezed}: {e}") from None
         kw.update(G=G, D=D)
     return kw
 
