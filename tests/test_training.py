@@ -1,5 +1,6 @@
 """The training engine: bit-identical resume, strict resume checks, corrupt checkpoints, history files, early stopping,
 gradient bookkeeping (accumulation, leaked gradients, clipping, fp16 scaler path) and DDP under torchrun (2 CPU processes, gloo)."""
+import shutil
 import os, sys, csv, json, socket, subprocess, textwrap, importlib.util
 from pathlib import Path
 import pytest, torch
@@ -250,7 +251,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'SPRUCE_PROGRESS': '0', 'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={_free_port()}',
            str(script), str(tmp_path / 'ddp'), '4']
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    for attempt in range(3):   # gloo on a loaded 2-core machine sometimes aborts a rank ('terminate called without an active exception'); only that is retried
+        shutil.rmtree(tmp_path / 'ddp', ignore_errors=True)
+        r = subprocess.run(cmd[:5] + [f'--master_port={_free_port()}'] + cmd[6:], env=env, capture_output=True, text=True, timeout=150)
+        if r.returncode == 0 or 'terminate called without an active exception' not in r.stderr: break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the same run in one process with the global batch 2 x 4
     spec = importlib.util.spec_from_file_location('ddp_toy', script); mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
