@@ -48,6 +48,14 @@ def main(argv=None):
                 ('λ_image × 10³', dict(lambda_image=base.lambda_image * 1e3)), ('λ_image × 10⁴', dict(lambda_image=base.lambda_image * 1e4)),
                 ('λ_perc × 10⁴', dict(lambda_perc=base.lambda_perc * 1e4)),
                 ('λ_latent × 10²', dict(lambda_latent=base.lambda_latent * 1e2)), ('λ_latent × 10³', dict(lambda_latent=base.lambda_latent * 1e3))]
+    # what does not depend on the setting, once: PIECE's target features x' and the terms at the pivot (shared inversion)
+    from spruce_nb.piece import exceptional_features
+    xd = x.to(sp.device)
+    with torch.no_grad():
+        tgt = torch.full((len(x),), sp.classes.index('normal'), device=sp.device)
+        xt = exceptional_features(sp.classifier.features(xd), tgt, sp.gmms, weight=sp.classifier.head, t=base.threshold).x_cf
+        rec0 = inv.render(inv.ws_pivot).clamp(-1, 1)
+        terms0 = spruce_loss_terms(rec0, sp.classifier.features(rec0), xt, xd, inv.ws_pivot, inv.ws_pivot, lpips_fn=lp)
     rows = []
     for name, over in settings:
         t0 = time.time()
@@ -57,14 +65,8 @@ def main(argv=None):
         cf, rec = ex.counterfactual, ex.reconstruction
         em = edit_metrics(cf, rec, gt['images'], gt['counterfactuals'], gt['masks'])
         with torch.no_grad():
-            feats = sp.classifier.features(cf.to(sp.device))
-            from spruce_nb.piece import exceptional_features
-            xq = sp.classifier.features(x.to(sp.device))
-            tgt = torch.full((len(x),), sp.classes.index('normal'), device=sp.device)
-            xt = exceptional_features(xq, tgt, sp.gmms, weight=sp.classifier.head, t=sp.config.threshold).x_cf
-            terms = spruce_loss_terms(cf.to(sp.device), feats, xt, x.to(sp.device), ex.ws.to(sp.device), ex.ws_pivot.to(sp.device), lpips_fn=lp)
-            terms0 = spruce_loss_terms(rec.to(sp.device), sp.classifier.features(rec.to(sp.device)), xt, x.to(sp.device),
-                                       ex.ws_pivot.to(sp.device), ex.ws_pivot.to(sp.device), lpips_fn=lp)
+            terms = spruce_loss_terms(cf.to(sp.device), sp.classifier.features(cf.to(sp.device)), xt, xd, ex.ws.to(sp.device),
+                                      ex.ws_pivot.to(sp.device), lpips_fn=lp)
         c = sp.config  # the λs actually used (scaled to this resolution and latent size)
         w = dict(piece=1., perc=c.lambda_perc, latent=c.lambda_latent, image=c.lambda_image)
         rows.append(dict(setting=name, overrides=over, lambdas_used={k: getattr(c, k) for k in thesis},
