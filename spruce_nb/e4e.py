@@ -453,6 +453,7 @@ def _train_encoder_args(p):
     p.add_argument('--lambda-sim', type=float, default=None, help='λ_sim (default 0.5; 0 = off)')
     p.add_argument('--lambda-adv', type=float, default=None, help='λ_adv of the latent discriminator (default 0.1; 0 = off)')
     p.add_argument('--lambda-lpips', type=float, default=None, help='λ_lpips (default 0.8)')
+    p.add_argument('--lambda-delta', type=float, default=None, help='λ_d-reg on the offsets Δ_i (default 2e-4; 0 = off)')
     p.add_argument('--lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'])
     p.add_argument('--backbone', default='ir', help="'ir' (from scratch) or a timm ResNet ('resnet18', 'resnet34')")
     p.add_argument('--pretrained', default=None, help='local ImageNet weights file for a timm backbone')
@@ -471,7 +472,7 @@ def _train_encoder_run(args) -> int:
     from spruce_nb.stylegan2 import load_generator
     from spruce_nb.data import dataset_from_spec
     G = load_generator(args.generator, device=args.device)
-    ov = {k: v for k, v in dict(lambda_sim=args.lambda_sim, lambda_adv=args.lambda_adv, lambda_lpips=args.lambda_lpips,
+    ov = {k: v for k, v in dict(lambda_sim=args.lambda_sim, lambda_adv=args.lambda_adv, lambda_lpips=args.lambda_lpips, lambda_delta=args.lambda_delta,
                                 lpips_net=args.lpips_net, widths=args.widths, units=args.units, fpn_channels=args.fpn_channels,
                                 lr=args.lr).items() if v is not None}
     init = load_encoder(args.init, device=args.device) if args.init else None

@@ -3,8 +3,12 @@ and write their sha256, the exact commands that produced them, the quick-retrain
 spruce_nb/zoo/manifest.json.
 
 Usage: python tools/make_zoo.py SPEC.json
-SPEC.json: {"entry": "cxr64", "task": ..., "resolution": 64,             "files": {"classifier.pt": {"source": PATH, "command": "...", "quick_command": "...", "output": "classifier.pt",
-                                        "metrics": {...}}, ...}}
+SPEC.json: {"entry": "cxr64", "task": ..., "resolution": 64,
+            "files": {"classifier.pt": {"source": PATH, "command": "...", "quick_command": "...", "output": "classifier.pt",
+                                        "metrics": {...}, "commit": optional (default: the newest commit older than the file)},
+                      "gmms.pt": {"keep": true},   # unchanged: keep the file and its manifest record (its sha256 is checked)
+                      ...}}
+Files of the entry that the spec does not name are removed from the entry's manifest (and the folder).
 """
 import sys, json, subprocess, datetime
 from pathlib import Path
@@ -29,8 +33,12 @@ def main(spec_path):
     out = ROOT / 'spruce_nb' / 'zoo' / entry; out.mkdir(parents=True, exist_ok=True)
     man_path = ROOT / 'spruce_nb' / 'zoo' / 'manifest.json'
     manifest = json.loads(man_path.read_text()) if man_path.exists() else {}
-    files = {}
+    files, old = {}, manifest.get(entry, {}).get('files', {})
     for name, f in spec['files'].items():
+        if f.get('keep'):
+            if name not in old or file_sha256(out / name) != old[name]['sha256']:
+                raise ValueError(f"{name}: 'keep' needs the file in {out} with the sha256 of its manifest record")
+            files[name] = old[name]; print(f'{name}: kept'); continue
         src, dst = Path(f['source']), out / name
         # fp16 unless the file is identity-bound (a generator: its encoder records the hash of its exact weights)
         if f.get('fp16', True): to_fp16(src, dst)
@@ -38,8 +46,10 @@ def main(spec_path):
             dst.write_bytes(src.read_bytes())
         files[name] = dict(sha256=file_sha256(dst), bytes=dst.stat().st_size, kind=load_checkpoint(dst).kind,
                            command=f['command'], quick_command=f['quick_command'], output=f['output'],
-                           commit=trained_at(src), metrics=f.get('metrics', {}))
+                           commit=f.get('commit') or trained_at(src), metrics=f.get('metrics', {}))
         print(f'{name}: {files[name]["bytes"] / 1e6:.2f} MB sha256 {files[name]["sha256"][:12]}')
+    for name in set(old) - set(files):
+        (out / name).unlink(missing_ok=True); print(f'{name}: removed')
     manifest[entry] = dict(task=spec['task'], resolution=spec['resolution'], files=files)
     man_path.write_text(json.dumps(manifest, indent=1) + '\n')
     print(f'wrote {man_path}')
