@@ -170,9 +170,7 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
     for k, v in source.items(): print(f'  {k:24s} {v}')
     dev = get_device(device)
     from spruce_nb.pti import PTIConfig
-    from spruce_nb.perceptual import lpips_pretrained
-    # without the real LPIPS trunk the reference's early stop (LPIPS <= 0.06) fires at once, so it is switched off
-    pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr, lpips_threshold=0.06 if lpips_pretrained('vgg') else 0.0)
+    pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS <= 0.06 only with the real LPIPS trunk (see 08_pti)
     ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net)
     sps = {'plain': Spruce.from_dir(models, device=dev, config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg),
            'TRADES 8/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades8.pt', gmms='gmms_trades8.pt',

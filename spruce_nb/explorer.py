@@ -286,7 +286,6 @@ def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, 
     "An `Explorer` on a `Spruce` explainer loaded from `model_dir` (default: the model zoo) and held-out phantoms or your images."
     from spruce_nb.counterfactual import Spruce, CounterfactualConfig
     from spruce_nb.pti import PTIConfig
-    from spruce_nb.perceptual import lpips_pretrained
     tiny = is_tiny()
     if model_dir is None:
         from spruce_nb.demo import ZOO_DIR, check_zoo_file, ensure_models
@@ -297,8 +296,7 @@ def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, 
             model_dir, _ = ensure_models(entry, work_dir or 'explorer_models')
     steps = int(steps or (12 if tiny else 50))
     use_pti = (not tiny) if use_pti is None else bool(use_pti)
-    pti_cfg = PTIConfig(steps=int(pti_steps or (10 if tiny else 100)), lr=1e-3, lpips_net=lpips_net,
-                        lpips_threshold=0.06 if lpips_pretrained(lpips_net) else 0.0)   # random-trunk LPIPS: no early stop (as the demo)
+    pti_cfg = PTIConfig(steps=int(pti_steps or (10 if tiny else 100)), lr=1e-3, lpips_net=lpips_net)  # early stop only with real LPIPS (08_pti)
     sp = Spruce.from_dir(model_dir, device=device, classifier=classifier, gmms=gmms, use_pti=use_pti, pti_config=pti_cfg,
                          config=CounterfactualConfig(steps=steps, lpips_net=lpips_net))
     if images is None:

@@ -39,7 +39,8 @@ class PTIConfig(Config):
     lambda_lpips: float = 1.0        # pt_lpips_lambda
     lambda_l2: float = 1.0           # λ_L2 (pt_l2_lambda)
     lpips_net: str = 'vgg'           # LPIPS trunk (thesis: VGG; reference: alex)
-    lpips_threshold: float = 0.06    # early stop when LPIPS <= this (LPIPS_value_threshold)
+    lpips_threshold: float | None = None # early stop when LPIPS <= this; None: the reference's 0.06 (LPIPS_value_threshold) with the
+                                     # real LPIPS trunk, off with the random-trunk fallback (0.06 is on the published scale)
     locality: bool = True            # use_locality_regularization (reference default False)
     alpha: float = 30.0              # α, the ball radius (regulizer_alpha)
     locality_psi: float = 0.5        # truncation ψ of w_z
@@ -64,6 +65,12 @@ def _lpips(net: str, device):
     from spruce_nb.perceptual import lpips_model
     m = lpips_model(net, device)
     return lambda a, b: m(a.float(), b.float()).flatten()
+
+def _stop_threshold(cfg) -> float:
+    "PTIConfig.lpips_threshold, resolved: None means 0.06 with the real LPIPS trunk and 0 (no early stop) with the random-trunk fallback."
+    from spruce_nb.perceptual import lpips_pretrained
+    if cfg.lpips_threshold is not None: return cfg.lpips_threshold
+    return 0.06 if lpips_pretrained(cfg.lpips_net) else 0.0
 
 def _synthesis_params(G) -> dict:
     "The generator's synthesis parameters by name (what PTI changes: the mapping gets no gradient, buffers stay)."
@@ -166,11 +173,12 @@ def tune_one(G: nn.Module, image: torch.Tensor, w_p: torch.Tensor, cfg: PTIConfi
     x, w_p = image[None].to(dev).float(), w_p.to(dev).float()
     gen = _image_rng(cfg.seed, index, 3)
     log = dict(steps=cfg.steps, lpips=[], l2=[], reg=[])
+    thr = _stop_threshold(cfg)
     for step in range(cfg.steps):
         img = Gt.synthesis(w_p[None], noise_mode='const')
         l2, lpv = F.mse_loss(img, x), lp(img, x)[0]
         log['lpips'].append(lpv.item()); log['l2'].append(l2.item())
-        if lpv <= cfg.lpips_threshold: log['steps'] = step; break
+        if lpv <= thr: log['steps'] = step; break
         loss = cfg.lambda_l2 * l2 + cfg.lambda_lpips * lpv
         if cfg.locality and step % cfg.locality_interval == 0:
             w_r = locality_codes(G, w_p, torch.randn(cfg.locality_samples, G.z_dim, generator=gen).to(dev), cfg.alpha, cfg.locality_psi)
@@ -209,6 +217,7 @@ def tune_batched(G: nn.Module, images: torch.Tensor, ws_p: torch.Tensor, cfg: PT
     steps_used = torch.full((B,), cfg.steps)
     final_lpips = torch.full((B,), float('nan'))
     hist = []
+    thr = _stop_threshold(cfg)
     G_syn = G.synthesis
     def syn_const(p, w): return functional_call(G_syn, p, (w[None],), {'noise_mode': 'const'})[0]
     def syn_none(p, w): return functional_call(G_syn, p, (w,), {'noise_mode': 'none'})
@@ -223,7 +232,7 @@ def tune_batched(G: nn.Module, images: torch.Tensor, ws_p: torch.Tensor, cfg: PT
             l2 = (img - x[a]).square().flatten(1).mean(1)
             lpv = lp(img, x[a])
             final_lpips[a] = lpv.detach().cpu()
-            stop = (lpv.detach().cpu() <= cfg.lpips_threshold)
+            stop = (lpv.detach().cpu() <= thr)
             if stop.any():
                 steps_used[a[stop]] = step
                 active[a[stop]] = False

@@ -149,3 +149,11 @@ def test_cli_pti(G, tmp_path):
     assert main(args + ['--encoder', str(tmp_path / 'enc.pt')]) == 2                    # exists, no --overwrite
     assert main(args + ['--w-steps', '2', '--overwrite', '--sequential']) == 0         # W projector pivot
     assert json.loads((out / 'metrics.json').read_text())['config']['pivot'] == 'w'
+
+def test_early_stop_only_with_the_real_lpips_trunk():
+    "The reference's LPIPS <= 0.06 stop is on the published scale: by default it is off with the random-trunk fallback; explicit values are kept."
+    from spruce_nb.perceptual import lpips_pretrained
+    from spruce_nb.pti import _stop_threshold, PTIConfig
+    cfg = PTIConfig(lpips_net='vgg')
+    assert _stop_threshold(cfg) == (0.06 if lpips_pretrained('vgg') else 0.0)
+    assert _stop_threshold(cfg.replace(lpips_threshold=0.2)) == 0.2 and _stop_threshold(cfg.replace(lpips_threshold=0.0)) == 0.0
