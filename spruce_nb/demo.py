@@ -103,7 +103,7 @@ def _pick_images(clfs, n, size, seed, classes):
     return ds, keep, src, tgt
 
 def _scores(ex, ds, keep, tgt_name, oracle):
-    from spruce_nb.metrics import edit_metrics, l1_per_pixel
+    from spruce_nb.metrics import edit_metrics, l1_per_pixel, dilate_mask
     gt = [ds.ground_truth(i, tgt_name) for i in keep]
     x_f = torch.stack([g['image'] if 'image' in g else ds[i][0] for g, i in zip(gt, keep)])
     x_cf = torch.stack([g['counterfactual'] for g in gt]); mask = torch.stack([g['mask'] for g in gt])
@@ -111,7 +111,7 @@ def _scores(ex, ds, keep, tgt_name, oracle):
     k = oracle.causal_names.index('ctr'); ctr = lambda x: oracle.predict(x)[:, k]
     row = dict(flip_ratio=float(ex.flipped.float().mean()), l1=float(l1_per_pixel(ex.original, ex.counterfactual).mean()),
                confidence=float(ex.confidence.mean()), edit_in_mask=float(em['in_mask'].mean()), edit_cos=float(em['edit_cos'].mean()),
-               edit_err=float(em['edit_err'].mean()), ctr_before=float(ctr(ex.original).mean()), ctr_after=float(ctr(ex.counterfactual).mean()),
+               edit_err=float(em['edit_err'].mean()), mask_area=float(dilate_mask(mask, 2).float().mean()), ctr_before=float(ctr(ex.original).mean()), ctr_after=float(ctr(ex.counterfactual).mean()),
                ctr_true_cf=float(ctr(x_cf).mean()))
     return row, mask
 
@@ -206,7 +206,7 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
 
 def _report_markdown(rows: dict, info: dict) -> str:
     cols = [('flip_ratio', 'flip ratio ↑', '{:.0%}'), ('confidence', 'p(normal) ↑', '{:.3f}'), ('l1', 'L1 ↓', '{:.4f}'),
-            ('edit_in_mask', 'edit in causal region ↑', '{:.2f}'), ('edit_cos', 'edit cosine vs truth ↑', '{:.2f}'),
+            ('edit_in_mask', 'edit in causal region ↑', '{:.2f}'), ('mask_area', 'region share of image', '{:.3f}'), ('edit_cos', 'edit cosine vs truth ↑', '{:.2f}'),
             ('ctr_before', 'CTR before', '{:.3f}'), ('ctr_after', 'CTR after', '{:.3f}'), ('ctr_true_cf', 'CTR of true CF', '{:.3f}')]
     lines = ['# spruce demo report', '',
              f"SPRUCE counterfactuals (cardiomegaly → normal) for {info['n_images']} held-out 64-px chest phantoms, "
@@ -214,7 +214,7 @@ def _report_markdown(rows: dict, info: dict) -> str:
              '| classifier | ' + ' | '.join(c[1] for c in cols) + ' |', '|---|' + '---|' * len(cols)]
     for nm, r in rows.items(): lines.append(f'| {nm} | ' + ' | '.join(fmt.format(r[k]) for k, _, fmt in cols) + ' |')
     lines += ['', '![counterfactuals, edits and trajectories](report.png)', '',
-              '*edit in causal region*: fraction of the low-passed edit energy (counterfactual − reconstruction) inside the dilated true causal region; '
+              '*edit in causal region*: fraction of the low-passed edit energy (counterfactual − reconstruction) inside the dilated true causal region (an edit spread evenly over the image would score the *region share of image*); '
               '*edit cosine*: agreement of the edit with the true edit (phantom rendered with a normal heart, same patient and noise); '
               f"*CTR*: cardiothoracic ratio read by the phantom oracle (held-out MAE {info.get('oracle_ctr_mae') or float('nan'):.3f}); normal < 0.5.", '',
               'Models: ' + ', '.join(f'{k}: {v}' for k, v in info['models'].items()) + '.',

@@ -125,3 +125,8 @@ def test_with_pti_when_available(models):
     r = evaluate_counterfactuals(sp, DEFAULT_DATA, config=EvaluationConfig(n=2, batch_size=2, data_n=DATA_N, n_real=N_REAL),
                                  out_dir=root / 'pti', oracle=str(oracle), show_progress=False)
     assert r.complete and r.report['fingerprint']['use_pti'] is True and len(r.rows) == 2
+
+def test_cli_pti_flags_conflict(tmp_path, capsys):
+    from spruce_nb.cli import main
+    assert main(['evaluate', '--model-dir', str(tmp_path), '--out', str(tmp_path / 'o'), '--no-pti', '--pti-steps', '3']) == 2
+    assert '--no-pti' in capsys.readouterr().err
