@@ -87,6 +87,8 @@ class DemoConfig:
     pti_lr: float = 1e-3           # PTI learning rate (reference: 3e-4; fewer, larger steps keep the demo short)
     use_pti: bool = True
     lpips_net: str = 'alex'        # LPIPS trunk in the objective: AlexNet keeps the demo to minutes on a CPU (thesis: 'vgg')
+    lambda_image: float = 1e-3     # λ_image at the thesis' 256-px reference (scaled to 64 px like every λ). Thesis: 1e-6, which leaves the
+                                   # pixel term ~10⁴× weaker than the feature term on the zoo's models; 1e-3 keeps the edit small and on the heart (10_counterfactual)
     seed: int = 0
 
 def _pick_images(clfs, n, size, seed, classes):
@@ -171,7 +173,7 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
     dev = get_device(device)
     from spruce_nb.pti import PTIConfig
     pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS <= 0.06 only with the real LPIPS trunk (see 08_pti)
-    ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net)
+    ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net, lambda_image=cfg.lambda_image)
     sps = {'plain': Spruce.from_dir(models, device=dev, config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg),
            'TRADES 8/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades8.pt', gmms='gmms_trades8.pt',
                                              config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg)}
@@ -218,6 +220,8 @@ def _report_markdown(rows: dict, info: dict) -> str:
               '*edit cosine*: agreement of the edit with the true edit (phantom rendered with a normal heart, same patient and noise); '
               f"*CTR*: cardiothoracic ratio read by the phantom oracle (held-out MAE {info.get('oracle_ctr_mae') or float('nan'):.3f}); normal < 0.5.", '',
               'Models: ' + ', '.join(f'{k}: {v}' for k, v in info['models'].items()) + '.',
+              f"λ_image = {info['config']['lambda_image']:g} at the 256-px reference (the thesis' 1e-6 leaves the pixel term negligible on these models; "
+              f"see 10_counterfactual), the thesis' λ_perc and λ_latent, T = {info['config']['steps']}, PTI {'on' if info['config']['use_pti'] else 'off'}.",
               f"LPIPS in the objective: {info['config']['lpips_net']} trunk, {'pretrained' if info['lpips'].get('pretrained_trunk') else 'random (offline fallback; see spruce_nb.perceptual)'}."]
     return '\n'.join(lines) + '\n'
 
@@ -229,13 +233,15 @@ def _demo_args(p):
     p.add_argument('--steps', type=int, default=DemoConfig.steps, help='counterfactual optimisation steps T')
     p.add_argument('--pti-steps', type=int, default=DemoConfig.pti_steps, help='PTI steps')
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning')
+    p.add_argument('--lambda-image', type=float, default=DemoConfig.lambda_image, help='λ_image at the 256-px reference (thesis 1e-6; demo default 1e-3, see 10_counterfactual)')
     p.add_argument('--lpips-net', default=DemoConfig.lpips_net, choices=['alex', 'vgg', 'squeeze'], help="LPIPS trunk in the objective (thesis: vgg; default alex for speed)")
     p.add_argument('--retrain', action='store_true', help='ignore the zoo and retrain small models with the quick preset')
     p.add_argument('--overwrite', action='store_true', help='replace an existing report in --out')
     p.add_argument('--device', default=None)
 
 def _demo_run(args) -> int:
-    cfg = DemoConfig(entry=f'{args.modality}64', n=args.n, steps=args.steps, pti_steps=args.pti_steps, use_pti=not args.no_pti, lpips_net=args.lpips_net)
+    cfg = DemoConfig(entry=f'{args.modality}64', n=args.n, steps=args.steps, pti_steps=args.pti_steps, use_pti=not args.no_pti, lpips_net=args.lpips_net,
+                     lambda_image=args.lambda_image)
     run_demo(args.out, cfg, overwrite=args.overwrite, force_retrain=args.retrain, device=args.device)
     return 0
 
