@@ -36,3 +36,15 @@ def test_corrupt_zoo_file_is_rebuilt_with_its_dependents_only(tmp_path):
     models, src = ensure_models('cxr64', tmp_path / 'work', zoo_dir=zoo, manifest=zoo_manifest(zoo / 'manifest.json'))
     assert [k for k, v in src.items() if v != 'zoo'] == ['gmms_trades8.pt'] and 'sha256' in src['gmms_trades8.pt']
     assert (models / 'gmms_trades8.pt').exists()
+
+def test_zoo_gmms_belong_to_their_classifiers():
+    "Every shipped GMM file was fitted for the shipped (fp16-stored) classifier it pairs with: loading them together checks the weights' hash."
+    from spruce_nb.demo import ZOO_DIR, zoo_manifest
+    from spruce_nb.classifier import load_classifier
+    from spruce_nb.piece import FeatureGMMs
+    files = zoo_manifest()['cxr64']['files']
+    pairs = [(g, 'classifier' + g[len('gmms'):]) for g in files if g.startswith('gmms')]
+    assert len(pairs) >= 2
+    for g, c in pairs:
+        assert c in files, f'{g} has no classifier {c} in the zoo'
+        FeatureGMMs.load(ZOO_DIR / 'cxr64' / g, classifier=load_classifier(ZOO_DIR / 'cxr64' / c, device='cpu'))
