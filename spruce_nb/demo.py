@@ -20,8 +20,8 @@ __all__ = ['ZOO_DIR', 'ZOO_FILES', 'cli_commands', 'zoo_manifest', 'check_zoo_fi
 # %% ../nbs/13_demo.ipynb #f996555f
 ZOO_DIR = Path(spruce_nb.__file__).resolve().parent / 'zoo'   # package data: spruce_nb/zoo/
 #: files a model directory needs, in the order they are (re)built; each entry lists what it depends on
-ZOO_FILES = {'classifier.pt': [], 'classifier_trades8.pt': ['classifier.pt'], 'generator.pt': [], 'encoder.pt': ['generator.pt'],
-             'gmms.pt': ['classifier.pt'], 'gmms_trades8.pt': ['classifier_trades8.pt']}
+ZOO_FILES = {'classifier.pt': [], 'classifier_trades2.pt': ['classifier.pt'], 'generator.pt': [], 'encoder.pt': ['generator.pt'],
+             'gmms.pt': ['classifier.pt'], 'gmms_trades2.pt': ['classifier_trades2.pt']}
 
 def zoo_manifest(path: str | Path | None = None) -> dict:
     "The model-zoo manifest (`spruce_nb/zoo/manifest.json`): per entry, per file: sha256, command, quick_command, commit, metrics."
@@ -82,7 +82,7 @@ class DemoConfig:
     "Settings of `spruce demo` (small by default: the point is to see the method work in minutes)."
     entry: str = 'cxr64'           # zoo entry
     n: int = 4                     # images to explain
-    steps: int = 30                # T, counterfactual optimisation steps
+    steps: int = 60                # T, counterfactual optimisation steps (λ_image = 1e-3 slows the crossing: 30 steps flip only half)
     pti_steps: int = 100           # PTI steps (reference: 350 with an LPIPS ≤ 0.06 early stop)
     pti_lr: float = 1e-3           # PTI learning rate (reference: 3e-4; fewer, larger steps keep the demo short)
     use_pti: bool = True
@@ -175,7 +175,7 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
     pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS <= 0.06 only with the real LPIPS trunk (see 08_pti)
     ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net, lambda_image=cfg.lambda_image)
     sps = {'plain': Spruce.from_dir(models, device=dev, config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg),
-           'TRADES 8/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades8.pt', gmms='gmms_trades8.pt',
+           'TRADES 2/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades2.pt', gmms='gmms_trades2.pt',
                                              config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg)}
     first = next(iter(sps.values()))
     classes = first.classes

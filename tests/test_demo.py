@@ -22,7 +22,7 @@ def test_demo_cli_writes_report(tmp_path, capsys):
     md = (out / 'report.md').read_text()
     assert 'flip ratio' in md and (out / 'report.png').stat().st_size > 10_000
     res = json.loads((out / 'report.json').read_text())['results']
-    assert set(res) == {'plain', 'TRADES 8/255'}
+    assert set(res) == {'plain', 'TRADES 2/255'}
     for r in res.values():
         assert 0 <= r['flip_ratio'] <= 1 and 0 <= r['edit_in_mask'] <= 1
     assert 'report:' in capsys.readouterr().out
@@ -32,10 +32,10 @@ def test_corrupt_zoo_file_is_rebuilt_with_its_dependents_only(tmp_path):
     import shutil
     from spruce_nb.demo import ZOO_DIR
     zoo = tmp_path / 'zoo'; shutil.copytree(ZOO_DIR, zoo)
-    p = zoo / 'cxr64' / 'gmms_trades8.pt'; b = bytearray(p.read_bytes()); b[-10] ^= 1; p.write_bytes(bytes(b))
+    p = zoo / 'cxr64' / 'gmms_trades2.pt'; b = bytearray(p.read_bytes()); b[-10] ^= 1; p.write_bytes(bytes(b))
     models, src = ensure_models('cxr64', tmp_path / 'work', zoo_dir=zoo, manifest=zoo_manifest(zoo / 'manifest.json'))
-    assert [k for k, v in src.items() if v != 'zoo'] == ['gmms_trades8.pt'] and 'sha256' in src['gmms_trades8.pt']
-    assert (models / 'gmms_trades8.pt').exists()
+    assert [k for k, v in src.items() if v != 'zoo'] == ['gmms_trades2.pt'] and 'sha256' in src['gmms_trades2.pt']
+    assert (models / 'gmms_trades2.pt').exists()
 
 def test_zoo_gmms_belong_to_their_classifiers():
     "Every shipped GMM file was fitted for the shipped (fp16-stored) classifier it pairs with: loading them together checks the weights' hash."
