@@ -12,12 +12,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .core import Config, atomic_write, seed_everything
+from .core import Config, CLICommand, atomic_write, seed_everything
 from .evaluate import (EvaluationConfig, evaluate_counterfactuals, markdown_table, _write_csv, THESIS_COLUMNS, DEFAULT_DATA)
 
 # %% auto #0
-__all__ = ['THESIS_EPSILONS', 'THESIS_LAMBDAS', 'BASELINE_LAMBDAS', 'SWEEP_GT_COLUMNS', 'SweepCell', 'epsilon_files',
-           'epsilon_cells', 'lambda_cells', 'run_sweep', 'plot_sweep_images', 'add_robust_classifier']
+__all__ = ['THESIS_EPSILONS', 'THESIS_LAMBDAS', 'BASELINE_LAMBDAS', 'AMPLIFIED_LAMBDAS', 'SWEEP_GT_COLUMNS', 'cli_commands',
+           'SweepCell', 'epsilon_files', 'epsilon_cells', 'lambda_cells', 'run_sweep', 'plot_sweep_images',
+           'add_robust_classifier']
 
 # %% ../nbs/12_ablations.ipynb #82620b0c
 @dataclass
@@ -36,6 +37,8 @@ class SweepCell:
 THESIS_EPSILONS = (0, 1, 2, 8)  # ε × 255 (0 = plain)
 THESIS_LAMBDAS = {'lambda_image': (1e-8, 1e-6, 1e-5), 'lambda_perc': (0.01, 0.1, 1.0), 'lambda_latent': (1e-6, 1e-4, 1e-3)}
 BASELINE_LAMBDAS = dict(lambda_perc=0.1, lambda_latent=1e-4, lambda_image=1e-6)  # thesis §6.5
+# ×10³ (λ_image), ×10⁴ (λ_perc), ×10² and ×10³ (λ_latent) the thesis values: where each term starts to matter on our models (10_counterfactual)
+AMPLIFIED_LAMBDAS = {'lambda_image': (1e-3,), 'lambda_perc': (1e3,), 'lambda_latent': (1e-2, 1e-1)}
 
 def epsilon_files(eps255: int) -> tuple[str, str]:
     "Classifier and GMM file names of a model directory for ε = eps255/255 (0: the plain `classifier.pt`, `gmms.pt`)."
@@ -67,7 +70,8 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
               extractor='classifier.pt',      # ONE extractor for every row: a classifier file in model_dir, or anything evaluate accepts
               use_pti: bool = True,
               steps: int | None = None,       # T override for every cell (None: CounterfactualConfig default)
-              oracle=None, device=None, show_progress: bool = True, max_batches: int | None = None) -> list[dict]:
+              oracle=None,                    # phantoms: PhantomOracle / path / None (the first cell fits one; the others reuse it)
+              device=None, show_progress: bool = True, max_batches: int | None = None) -> list[dict]:
     "Evaluate each cell with the harness (resumable) and write the combined table; returns one summary dict per cell."
     from spruce_nb.counterfactual import Spruce
     md, out = Path(model_dir), Path(out_root)
@@ -81,6 +85,7 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
         seed_everything(cfg.seed)
         r = evaluate_counterfactuals(sp, data, config=cfg, out_dir=out / c.slug, extractor=ext, oracle=oracle, label=c.name,
                                      show_progress=show_progress, max_batches=max_batches)
+        if oracle is None and (out / c.slug / 'oracle.pt').exists(): oracle = out / c.slug / 'oracle.pt'   # fitted once, shared by every cell
         if not r.complete: done = False; continue
         rows.append(dict(r.summary[0], row=c.name, group=c.group, cell=c.slug, extractor=r.report['extractor'],
                          fid_reconstructions=r.summary[1]['fid'], fid_originals=r.summary[2]['fid']))
@@ -94,7 +99,7 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
 # %% ../nbs/12_ablations.ipynb #4dd0c78a
 def plot_sweep_images(out_root, cells: Sequence[SweepCell], k: int = 0, title: str = ''):
     "Image k's counterfactual (top) and |edit| (bottom) in every cell of a sweep, original and true edit on the left."
-    import matplotlib.pyplot as plt
+    import textwrap, matplotlib.pyplot as plt
     from spruce_nb.core import image_to_numpy
     f = lambda u: u.float() / 127.5 - 1
     ims = [torch.load(Path(out_root) / c.slug / 'batches' / 'batch_00000.pt', weights_only=True)['images'] for c in cells]
@@ -107,10 +112,10 @@ def plot_sweep_images(out_root, cells: Sequence[SweepCell], k: int = 0, title: s
     vmax = max([float(e.max()) for e in edits] + [float(true.max()), 1e-3])
     axs[1, 0].imshow(true.numpy(), cmap='inferno', vmin=0, vmax=vmax); axs[1, 0].set_title('|true edit|' if gt else '', fontsize=7)
     for j, (c, im, e) in enumerate(zip(cells, ims, edits), 1):
-        axs[0, j].imshow(image_to_numpy(f(im['counterfactual'][k])), cmap='gray'); axs[0, j].set_title(c.name, fontsize=6)
+        axs[0, j].imshow(image_to_numpy(f(im['counterfactual'][k])), cmap='gray'); axs[0, j].set_title(textwrap.fill(c.name, 24), fontsize=6)
         axs[1, j].imshow(e.numpy(), cmap='inferno', vmin=0, vmax=vmax)
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
-    fig.suptitle(title, fontsize=8); fig.tight_layout(pad=0.3)
+    fig.suptitle(title, fontsize=8); fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.93 if title else 1))
     return fig
 
 # %% ../nbs/12_ablations.ipynb #b3f81dd7
@@ -136,3 +141,55 @@ def add_robust_classifier(model_dir, eps255: int, n_train: int = 64, steps: int 
     save_classifier(clf, cf, metadata=dict(trades_eps=eps255 / 255, steps=steps))
     fit_feature_gmms(clf, (x, y), k=2).save(gf)
     return cf, gf
+
+# %% ../nbs/12_ablations.ipynb #f90a1a73
+def _ablations_args(p):
+    p.add_argument('--model-dir', required=True, help='generator.pt, encoder.pt and classifier[_tradesK].pt + gmms[_tradesK].pt per ε (e.g. spruce_nb/zoo/cxr64)')
+    p.add_argument('--out', required=True, help='output root: one directory per sweep (cells, sweep.csv, sweep.md, figure.png); unfinished cells are continued')
+    p.add_argument('--sweeps', nargs='+', default=['epsilon', 'lambda'], choices=['epsilon', 'lambda', 'lambda-amplified'])
+    p.add_argument('--epsilons', type=int, nargs='+', default=list(THESIS_EPSILONS), help='ε × 255 of the ε sweep (0 = plain)')
+    p.add_argument('--lambda-classifier', default='best-cmmd', help="classifier file for the λ sweeps, or 'best-cmmd' (thesis: the ε row with the lowest CMMD)")
+    p.add_argument('--n', type=int, default=100, help='correctly classified source images per cell')
+    p.add_argument('--batch-size', type=int, default=20)
+    p.add_argument('--steps', type=int, default=None, help='T for every cell (default: CounterfactualConfig.steps, the thesis T)')
+    p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning in every cell')
+    p.add_argument('--extractor', default='classifier.pt', help='FID/CMMD features for every row (default: the plain classifier in --model-dir)')
+    p.add_argument('--data-n', type=int, default=None, help='phantoms: items in the held-out split (default 1000)')
+    p.add_argument('--n-real', type=int, default=None, help='real target images for FID/CMMD (default: all in the split)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default=None)
+
+def _ablations_run(args) -> int:
+    import sys, matplotlib.pyplot as plt
+    md, out = Path(args.model_dir), Path(args.out)
+    if 'best-cmmd' == args.lambda_classifier and 'epsilon' not in args.sweeps and any(s.startswith('lambda') for s in args.sweeps):
+        raise ValueError("--lambda-classifier best-cmmd needs the ε sweep: add 'epsilon' to --sweeps, or name a classifier file.")
+    cfg = EvaluationConfig(n=args.n, batch_size=args.batch_size, seed=args.seed, data_n=args.data_n, n_real=args.n_real)
+    kw = dict(config=cfg, use_pti=not args.no_pti, steps=args.steps, extractor=args.extractor, device=args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) > 1 and sys.argv[1] == 'ablations':
+        with atomic_write(out / 'command.txt', overwrite=True, mode='w') as f: f.write('spruce ' + ' '.join(sys.argv[1:]) + '\n')
+    oracle, plan, clf = None, [], (args.lambda_classifier, None)
+    for sweep in [s for s in ('epsilon', 'lambda', 'lambda-amplified') if s in args.sweeps]:   # ε first: it picks the λ classifier
+        if sweep == 'epsilon': cells = epsilon_cells(args.epsilons)
+        else:
+            gm = clf[1] or ('gmms' + Path(clf[0]).stem[len('classifier'):] + '.pt')
+            cells = lambda_cells(THESIS_LAMBDAS if sweep == 'lambda' else AMPLIFIED_LAMBDAS, classifier=clf[0], gmms=gm)
+        missing = sorted({f for c in cells for f in (c.classifier, c.gmms) if not (md / f).is_file()})
+        if missing: raise FileNotFoundError(f"{md} lacks {missing}: train them (see the model zoo's manifest) or drop those ε with --epsilons.")
+        print(f'[{sweep}] {len(cells)} cells, n={cfg.n} each', flush=True)
+        rows = run_sweep(md, cells, out / sweep, oracle=oracle, **kw)
+        if oracle is None and (out / sweep / cells[0].slug / 'oracle.pt').exists(): oracle = out / sweep / cells[0].slug / 'oracle.pt'
+        if sweep == 'epsilon' and clf[0] == 'best-cmmd':
+            best = min(rows, key=lambda r: r['cmmd'])
+            c0 = [c for c in cells if c.name == best['row']][0]
+            clf = (c0.classifier, c0.gmms); print(f'λ sweeps explain {c0.classifier} (lowest CMMD: {best["cmmd"]:.4f})')
+        fig = plot_sweep_images(out / sweep, cells, title=f'{sweep} sweep: the same image in every cell')
+        with atomic_write(out / sweep / 'figure.png', overwrite=True) as f: fig.savefig(f, format='png', dpi=110)
+        plt.close(fig)
+        print((out / sweep / 'sweep.md').read_text())
+    print(f'wrote {out}/' + ', '.join(f'{s}/sweep.md' for s in args.sweeps))
+    return 0
+
+cli_commands = [CLICommand('ablations', 'run the thesis ablations (ε of TRADES, one-at-a-time λ sweeps) through the evaluation harness; resumable',
+                           _ablations_args, _ablations_run)]

@@ -38,3 +38,22 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert (tmp_path / 'sweep' / cells[0].slug / 'batches' / 'batch_00000.pt').stat().st_mtime_ns == stamp
     import matplotlib.pyplot as plt
     plt.close(plot_sweep_images(tmp_path / 'sweep', cells))
+
+def test_cli_ablations(tmp_path, capsys):
+    "`spruce ablations`: ε sweep then a λ sweep on the best-CMMD classifier, one oracle for all cells, figures; bad flags fail clearly."
+    from spruce_nb.cli import main
+    md = tiny_model_dir(tmp_path / 'models')
+    add_robust_classifier(md, 8, steps=12, trades_steps=1)
+    out = tmp_path / 'abl'
+    common = ['--model-dir', str(md), '--out', str(out), '--n', '2', '--batch-size', '2', '--steps', '2', '--no-pti', '--data-n', '48', '--n-real', '12']
+    assert main(['ablations', '--sweeps', 'lambda-amplified', 'epsilon', '--epsilons', '0', '8'] + common) == 0
+    for s in ('epsilon', 'lambda-amplified'):
+        assert (out / s / 'sweep.md').exists() and (out / s / 'figure.png').stat().st_size > 0
+    eps_cells = list((out / 'epsilon').glob('*/oracle.pt'))
+    assert len(eps_cells) == 1                                   # fitted once, by the first cell
+    assert not list((out / 'lambda-amplified').glob('*/oracle.pt'))
+    assert 'λ sweeps explain' in capsys.readouterr().out
+    assert main(['ablations', '--sweeps', 'lambda'] + common) == 2
+    assert 'needs the ε sweep' in capsys.readouterr().err
+    assert main(['ablations', '--sweeps', 'epsilon', '--epsilons', '0', '2'] + common) == 2
+    assert 'classifier_trades2' in capsys.readouterr().err
