@@ -28,10 +28,10 @@ def test_widgets_start_in_a_sensible_state(xp):
     assert 'Explain' in xp.status.value
 
 def test_explain_then_scrub_the_trajectory(xp):
-    ex = _explain(xp, image=1, steps=10)
+    ex = _explain(xp, image=1, steps=40)
     assert ex is not None and xp.state['error'] is None
     T = xp.state['steps']
-    assert T == 10 and (xp.trajectory.min, xp.trajectory.max) == (0, 10) and xp.play.max == 10 and not xp.trajectory.disabled
+    assert T == 40 and (xp.trajectory.min, xp.trajectory.max) == (0, 40) and xp.play.max == 40 and not xp.trajectory.disabled
     assert xp.trajectory.value == T and xp.state['step'] == T          # shows the counterfactual end first
     c = xp.state['crossing_step']
     assert c == int(ex.crossing_step[0]) and c > 0, f'the zoo models should flip this phantom after step 0 (crossing {c})'
