@@ -25,16 +25,8 @@ __all__ = ['AUGMENT_SPECS', 'GEOMETRIC_OPS', 'COLOR_OPS', 'NVLABS_PICKLE_ALLOWLI
            'ada_history_from_run']
 
 # %% ../nbs/06_ada.ipynb #cc77f214
-try:  # the shared training loop; the ADA controller is one of its callbacks
-    from spruce_nb.training import Callback as _CallbackBase
-except Exception:  # pragma: no cover - spruce_nb.training not built yet: same hooks, no base class
-    class _CallbackBase:
-        "Stand-in with the `spruce_nb.training.Callback` hooks (used only if that module is missing)."
-        order = 0
-        def before_fit(self, trainer): pass
-        def before_step(self, trainer): pass
-        def after_step(self, trainer): pass
-        def after_fit(self, trainer): pass
+from .training import Callback   # the shared training loop: the ADA controller is one of its callbacks
+
 
 # %% ../nbs/06_ada.ipynb #0f6128ee
 def _eye(n: int, batch: int, device) -> torch.Tensor:
@@ -264,7 +256,7 @@ def ada_adjustment(rt: float,              # overfitting heuristic r_t = E[sign(
     return float(np.sign(rt - target)) * batch_size * interval / (kimg * 1000)
 
 # %% ../nbs/06_ada.ipynb #78323757
-class AdaptiveP(_CallbackBase):
+class AdaptiveP(Callback):
     "ADA controller: a `Trainer` callback that moves the pipe's $p$ every `interval` steps to hold $r_t$ at `target`; state in `trainer.state[key]`."
     order = -10  # before callbacks that log or checkpoint
     def __init__(self,
