@@ -328,12 +328,31 @@ def _add_nearest_l1(rows: list, ds, pool_ds, target: int):
     d = nearest_real_l1(_items(ds, [r['index'] for r in rows]), pool)
     for r, v in zip(rows, d.tolist()): r.update(l1_nearest_target=v, below_nearest=float(r['l1'] < v))
 
+def _only_n_grew(old: dict, new: dict) -> bool:
+    "True when two run fingerprints differ only in the protocol's N, and the new N is larger."
+    o, n = json.loads(json.dumps(old)), json.loads(json.dumps(_plain(new)))
+    on, nn = o.get('protocol', {}).pop('n', None), n.get('protocol', {}).pop('n', None)
+    return isinstance(on, int) and isinstance(nn, int) and nn > on and json.dumps(o, sort_keys=True) == json.dumps(n, sort_keys=True)
+
+def _grow_run(out: Path, fp: dict, old_n: int, new_n: int, batch_size: int) -> list:
+    "Prepare `out` to continue an evaluation of `old_n` images up to `new_n`: keep the full batches, redo the selection and the tables."
+    sf = out / 'selection.json'
+    prefix = json.loads(sf.read_text())['indices'] if sf.exists() else []
+    keep = len(prefix) // batch_size               # a partial last batch is recomputed with its new images
+    for f in (out / 'batches').glob('batch_*.pt'):
+        if int(f.stem.split('_')[1]) >= keep: f.unlink()
+    for name in ('selection.json', 'per_image.csv', 'summary.csv', 'summary.md', 'figure.png', 'report.json'): (out / name).unlink(missing_ok=True)
+    with atomic_write(out / 'fingerprint.json', overwrite=True, mode='w') as f: json.dump(_plain(fp), f, indent=1, sort_keys=True)
+    print(f"{out}: extending the evaluation from N = {old_n} to N = {new_n} ({keep} finished batch(es) kept; "
+          "the table is rewritten when all images are done).")
+    return prefix[:keep * batch_size]
+
 def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterfactual.Spruce` explainer
                              data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
                              source_class: str = 'cardiomegaly', # c: class explained (its correctly classified images)
                              target_class: str = 'normal',       # c': counterfactual class (real images of it are the FID/CMMD reference)
                              n: int = 500,               # N images
-                             out_dir='report',           # results; an existing run there is continued
+                             out_dir='report',           # results; an existing run there is continued (or extended to a larger N)
                              extractor=None,             # FID/CMMD features: None/'classifier' (the explained classifier), a classifier .pt, 'inception', 'clip', or a FeatureExtractor
                              batch_size: int = 16,
                              seed: int = 0,
@@ -369,11 +388,12 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     fp = dict(protocol=cfg.to_dict(), counterfactual=spruce.config.to_dict(), use_pti=bool(spruce.use_pti),
               pti_config=_plain(spruce.pti_config), scale_lambdas=bool(spruce.scale_lambdas), models=_model_identity(spruce),
               extractor=ext.name, lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
-    fpf = out / 'fingerprint.json'
+    fpf, kept = out / 'fingerprint.json', []
     if fpf.exists():
         old = json.loads(fpf.read_text())
         diff = sorted(k for k in set(old) | set(fp) if json.dumps(old.get(k), sort_keys=True) != json.dumps(_plain(fp.get(k)), sort_keys=True))
-        if diff: raise ValueError(f"{out} holds an evaluation with different settings ({', '.join(diff)}); it cannot be continued with these. "
+        if diff and _only_n_grew(old, fp): kept = _grow_run(out, fp, old['protocol']['n'], cfg.n, cfg.batch_size)   # a larger N continues the run
+        elif diff: raise ValueError(f"{out} holds an evaluation with different settings ({', '.join(diff)}); it cannot be continued with these. "
                                   "Choose another --out, or pass --overwrite (overwrite=True) to start again.")
     else:
         with atomic_write(fpf, mode='w') as f: json.dump(_plain(fp), f, indent=1, sort_keys=True)
@@ -381,6 +401,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     if self_f.exists(): sel = json.loads(self_f.read_text())
     else:
         sel = select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed)
+        if sel['indices'][:len(kept)] != kept:   # the kept batches must explain the same images (selection = first N in a seeded order)
+            raise RuntimeError(f"{out}: the selection for N = {cfg.n} does not start with the images already explained; pass --overwrite to start again.")
         with atomic_write(self_f, mode='w') as f: json.dump(sel, f)
     orc, orc_src = _get_oracle(ds, oracle, out, cfg)
     idx = sel['indices']
@@ -480,7 +502,7 @@ def _evaluate_args(p):
     p.add_argument('--gmms', default='gmms.pt', help="that classifier's feature GMMs in --model-dir")
     p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names (default cardiomegaly:normal)')
     p.add_argument('--n', type=int, default=500, help='correctly classified source images to explain (thesis: 500)')
-    p.add_argument('--out', required=True, help='output directory (an unfinished run there is continued)')
+    p.add_argument('--out', required=True, help='output directory (an unfinished run there is continued; a run there with a smaller --n and otherwise the same settings is extended)')
     p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data: phantoms:TASK, folder:PATH or medmnist:PATH.npz (default {DEFAULT_DATA})')
     p.add_argument('--split', default='test', help='held-out split (default test)')
     p.add_argument('--data-n', type=int, default=None, help='phantoms: items in the split (default 1000 for test)')

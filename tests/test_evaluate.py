@@ -130,3 +130,19 @@ def test_cli_pti_flags_conflict(tmp_path, capsys):
     from spruce_nb.cli import main
     assert main(['evaluate', '--model-dir', str(tmp_path), '--out', str(tmp_path / 'o'), '--no-pti', '--pti-steps', '3']) == 2
     assert '--no-pti' in capsys.readouterr().err
+
+def test_cli_extends_a_run_to_a_larger_n(models, cli_run, capsys):
+    root, md, oracle = models
+    out = root / 'grown'
+    assert _cli(md, out, oracle, '--n', str(N - 1)) == 0                # N-1 images: one full batch, one partial
+    assert len(_rows(out / 'per_image.csv')) == N - 1
+    b0 = out / 'batches' / 'batch_00000.pt'
+    stamp = b0.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _cli(md, out, oracle) == 0                                   # the same command with N: extended, not refused
+    assert f'from N = {N - 1} to N = {N}' in capsys.readouterr().out
+    assert b0.stat().st_mtime_ns == stamp                               # the full batch was kept
+    for f in ('per_image.csv', 'summary.csv'):
+        assert (out / f).read_text() == (cli_run / f).read_text(), f    # = the uninterrupted N-image run
+    assert _cli(md, out, oracle, '--n', str(N - 1)) == 2                # a smaller N is refused
+    assert 'different settings' in capsys.readouterr().err
