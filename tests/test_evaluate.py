@@ -146,3 +146,17 @@ def test_cli_extends_a_run_to_a_larger_n(models, cli_run, capsys):
         assert (out / f).read_text() == (cli_run / f).read_text(), f    # = the uninterrupted N-image run
     assert _cli(md, out, oracle, '--n', str(N - 1)) == 2                # a smaller N is refused
     assert 'different settings' in capsys.readouterr().err
+
+def test_collect_eval_summarises_a_run(cli_run, tmp_path):
+    "tools/collect_eval.py (what the notebooks' committed tables come from): means, 95 % intervals and paired rows from per_image.csv."
+    import importlib.util, statistics
+    spec = importlib.util.spec_from_file_location('collect_eval', Path(__file__).parent.parent / 'tools' / 'collect_eval.py')
+    ce = importlib.util.module_from_spec(spec); spec.loader.exec_module(ce)
+    ce.main([str(cli_run), '--out', str(tmp_path / 'ev.json')])
+    [r] = json.loads((tmp_path / 'ev.json').read_text())
+    rows = _rows(cli_run / 'per_image.csv')
+    assert r['n'] == N and len(r['rows']) == N and r['row_columns'] == ce.PAIRED
+    l1 = [float(x['l1']) for x in rows]
+    assert abs(r['per_image']['l1']['mean'] - statistics.fmean(l1)) < 1e-12
+    assert abs(r['per_image']['l1']['ci95'] - 1.96 * statistics.stdev(l1) / N ** 0.5) < 1e-12
+    for x in rows: assert r['rows'][x['index']] == [round(float(x[k]), 4) for k in ce.PAIRED]
