@@ -334,18 +334,22 @@ def _only_n_grew(old: dict, new: dict) -> bool:
     on, nn = o.get('protocol', {}).pop('n', None), n.get('protocol', {}).pop('n', None)
     return isinstance(on, int) and isinstance(nn, int) and nn > on and json.dumps(o, sort_keys=True) == json.dumps(n, sort_keys=True)
 
-def _grow_run(out: Path, fp: dict, old_n: int, new_n: int, batch_size: int) -> list:
-    "Prepare `out` to continue an evaluation of `old_n` images up to `new_n`: keep the full batches, redo the selection and the tables."
+def _grow_run(out: Path, fp: dict, sel: dict, old_n: int, batch_size: int):
+    "Extend the evaluation in `out` from `old_n` images to the selection `sel`: keep the full batches, redo a partial one and the tables."
     sf = out / 'selection.json'
-    prefix = json.loads(sf.read_text())['indices'] if sf.exists() else []
-    keep = len(prefix) // batch_size               # a partial last batch is recomputed with its new images
+    old = json.loads(sf.read_text())['indices'] if sf.exists() else []
+    if sel['indices'][:len(old)] != old:   # checked before anything is deleted: the run stays as it was
+        raise RuntimeError(f"{out}: the selection for N = {len(sel['indices'])} does not start with the {len(old)} images already explained; "
+                           "choose another --out, or pass --overwrite to start again.")
+    keep = len(old) // batch_size                  # a partial last batch is recomputed with its new images
     for f in (out / 'batches').glob('batch_*.pt'):
         if int(f.stem.split('_')[1]) >= keep: f.unlink()
-    for name in ('selection.json', 'per_image.csv', 'summary.csv', 'summary.md', 'figure.png', 'report.json'): (out / name).unlink(missing_ok=True)
+    for name in _OUTPUTS:                          # the tables are rewritten when all images are done; the oracle is kept
+        if name not in ('fingerprint.json', 'oracle.pt'): (out / name).unlink(missing_ok=True)
+    with atomic_write(sf, mode='w') as f: json.dump(sel, f)
     with atomic_write(out / 'fingerprint.json', overwrite=True, mode='w') as f: json.dump(_plain(fp), f, indent=1, sort_keys=True)
-    print(f"{out}: extending the evaluation from N = {old_n} to N = {new_n} ({keep} finished batch(es) kept; "
+    print(f"{out}: extending the evaluation from N = {old_n} to N = {len(sel['indices'])} ({keep} finished batch(es) kept; "
           "the table is rewritten when all images are done).")
-    return prefix[:keep * batch_size]
 
 def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterfactual.Spruce` explainer
                              data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
@@ -388,11 +392,12 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     fp = dict(protocol=cfg.to_dict(), counterfactual=spruce.config.to_dict(), use_pti=bool(spruce.use_pti),
               pti_config=_plain(spruce.pti_config), scale_lambdas=bool(spruce.scale_lambdas), models=_model_identity(spruce),
               extractor=ext.name, lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
-    fpf, kept = out / 'fingerprint.json', []
+    fpf = out / 'fingerprint.json'
     if fpf.exists():
         old = json.loads(fpf.read_text())
         diff = sorted(k for k in set(old) | set(fp) if json.dumps(old.get(k), sort_keys=True) != json.dumps(_plain(fp.get(k)), sort_keys=True))
-        if diff and _only_n_grew(old, fp): kept = _grow_run(out, fp, old['protocol']['n'], cfg.n, cfg.batch_size)   # a larger N continues the run
+        if diff and _only_n_grew(old, fp):         # a larger N continues the run
+            _grow_run(out, fp, select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed), old['protocol']['n'], cfg.batch_size)
         elif diff: raise ValueError(f"{out} holds an evaluation with different settings ({', '.join(diff)}); it cannot be continued with these. "
                                   "Choose another --out, or pass --overwrite (overwrite=True) to start again.")
     else:
@@ -401,8 +406,6 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     if self_f.exists(): sel = json.loads(self_f.read_text())
     else:
         sel = select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed)
-        if sel['indices'][:len(kept)] != kept:   # the kept batches must explain the same images (selection = first N in a seeded order)
-            raise RuntimeError(f"{out}: the selection for N = {cfg.n} does not start with the images already explained; pass --overwrite to start again.")
         with atomic_write(self_f, mode='w') as f: json.dump(sel, f)
     orc, orc_src = _get_oracle(ds, oracle, out, cfg)
     idx = sel['indices']

@@ -160,3 +160,17 @@ def test_collect_eval_summarises_a_run(cli_run, tmp_path):
     assert abs(r['per_image']['l1']['mean'] - statistics.fmean(l1)) < 1e-12
     assert abs(r['per_image']['l1']['ci95'] - 1.96 * statistics.stdev(l1) / N ** 0.5) < 1e-12
     for x in rows: assert r['rows'][x['index']] == [round(float(x[k]), 4) for k in ce.PAIRED]
+
+def test_extension_refused_before_anything_is_deleted(models, cli_run, tmp_path, capsys):
+    "If the larger selection does not start with the images already explained, the run is left exactly as it was."
+    import shutil
+    root, md, oracle = models
+    out = tmp_path / 'tampered'
+    shutil.copytree(cli_run, out)
+    sel = json.loads((out / 'selection.json').read_text())
+    sel['indices'] = sel['indices'][::-1]                              # as if another classifier had chosen these images
+    (out / 'selection.json').write_text(json.dumps(sel))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    assert _cli(md, out, oracle, '--n', str(N + 1)) == 2
+    assert 'does not start with' in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
