@@ -12,7 +12,7 @@ __all__ = ['CLI_MODULES', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #8608c616
 #: Modules that may declare `cli_commands`, in the order their commands are listed.
-CLI_MODULES = ('data', 'training', 'classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'pti', 'piece',
+CLI_MODULES = ('data', 'weights', 'training', 'classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'pti', 'piece',
                'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer')
 
 def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, str]]:
