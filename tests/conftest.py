@@ -6,3 +6,16 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import torch
 torch.set_num_threads(1)
+
+import pytest
+
+@pytest.fixture
+def real_weights():
+    """The pretrained networks of `spruce weights install` (LPIPS trunks, FID Inception, EfficientNet-Lite0).
+    Locally a test that needs them skips without them; in CI ($CI set) their absence is a failure, never a silent skip."""
+    from spruce_nb.weights import NETWORKS, resolve_weights
+    missing = [n for n in NETWORKS if resolve_weights(n) is None]
+    if missing:
+        msg = f"pretrained weights not installed ({', '.join(missing)}): run `spruce weights install`"
+        if os.environ.get('CI'): pytest.fail(msg + ' (CI must run the real-weight tests; the test command installs them first)')
+        pytest.skip(msg)

@@ -108,10 +108,54 @@ def test_cmmd_images_with_extractor_and_no_silent_default():
 def test_inception_features_need_local_file(monkeypatch, tmp_path):
     pytest.importorskip('pytorch_fid')
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    monkeypatch.setenv('SPRUCE_WEIGHTS_DIR', str(tmp_path / 'empty'))
     monkeypatch.delenv('SPRUCE_FID_INCEPTION_WEIGHTS', raising=False)
-    with pytest.raises(FileNotFoundError, match='cannot be downloaded'): M.InceptionFeatures()
+    with pytest.raises(RuntimeError, match='spruce weights install --only fid'): M.InceptionFeatures()
     monkeypatch.setenv('SPRUCE_FID_INCEPTION_WEIGHTS', str(tmp_path / 'nope.pth'))
     with pytest.raises(FileNotFoundError, match='does not exist'): M.InceptionFeatures()
+
+
+def test_real_fid_inception(real_weights):
+    "Real FID-Inception: 2048-d; FID(X, X) = 0; our Fréchet distance equals pytorch-fid's on the same features; real vs held-out real is far below real vs GAN samples."
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from spruce_nb.stylegan2 import load_generator
+    from pathlib import Path
+    ex = M.InceptionFeatures(device='cpu')
+    assert ex.name.startswith('fid-inception-v3-pool3') and ex.weights_info['sha256']
+    real = make_phantoms('cxr', n=64, size=64, seed=0).images
+    held = make_phantoms('cxr', n=64, size=64, seed=1).images
+    G = load_generator(Path(M.__file__).parent / 'zoo' / 'cxr64' / 'generator.pt').eval()
+    with torch.no_grad(): fake = G(torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(0)), truncation_psi=1.0).clamp(-1, 1)
+    fr, fh, ff = ex(real), ex(held), ex(fake.expand(-1, 3, -1, -1))
+    assert fr.shape == (64, 2048)
+    assert M.frechet_distance(fr, fr) == pytest.approx(0, abs=1e-6)
+    mu1, mu2 = fr.double().mean(0).numpy(), fh.double().mean(0).numpy()
+    s1, s2 = np.cov(fr.double().numpy(), rowvar=False), np.cov(fh.double().numpy(), rowvar=False)
+    ref = calculate_frechet_distance(mu1, s1, mu2, s2)
+    assert M.frechet_distance(fr, fh) == pytest.approx(ref, rel=1e-3)
+    d_held, d_gan = M.frechet_distance(fr, fh), M.frechet_distance(fr, ff)
+    assert d_held < 0.5 * d_gan, (d_held, d_gan)
+    m = M.realism_metrics(real, held, [ex])
+    assert set(m) == {'fid', 'kid'} and m['fid'] == pytest.approx(d_held, rel=1e-6)
+
+
+def test_kid_equals_torch_fidelity():
+    tf = pytest.importorskip('torch_fidelity.metric_kid')
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(120, 32, generator=g), torch.randn(90, 32, generator=g) + 0.3
+    ref = tf.kid_features_to_metric(a.double(), b.double(), kid_subsets=10, kid_subset_size=50, kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=2020, verbose=False)
+    mean, std = M.kid_from_features(a, b, subsets=10, subset_size=50)
+    assert mean == pytest.approx(ref['kernel_inception_distance_mean'], rel=1e-6)
+    assert std == pytest.approx(ref['kernel_inception_distance_std'], rel=1e-6)
+
+
+def test_effnet_embedding_and_names(real_weights):
+    ex = M.EfficientNetFeatures(device='cpu')
+    ims = make_phantoms('cxr', n=6, size=64, seed=0).images
+    e = ex(ims)
+    assert e.shape == (6, 1280) and torch.allclose(e.norm(dim=1), torch.ones(6), atol=1e-5)
+    m = M.realism_metrics(ims[:3], ims[3:], [ex, M.RandomConvFeatures()])
+    assert set(m) == {'mmd_effnet', 'fd_random', 'mmd_random'}    # never 'cmmd' or 'fid' on these features
 
 
 def test_inception_features_equal_pytorch_fid_pipeline(monkeypatch, tmp_path):

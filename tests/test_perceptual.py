@@ -11,6 +11,7 @@ def fresh(monkeypatch, tmp_path):
     "Empty LPIPS cache, no real weights anywhere (empty hub dir), no network; restored afterwards."
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     for v in P.TRUNK_ENV.values(): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv('SPRUCE_WEIGHTS_DIR', str(tmp_path / 'no_weights'))  # not the installed spruce weights cache either
     def no_net(*a, **k): raise OSError('network access attempted in a test')
     monkeypatch.setattr(socket.socket, 'connect', no_net)
     P.clear_lpips_cache(); warned = set(P._WARNED); P._WARNED.clear()
