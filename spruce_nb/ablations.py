@@ -88,10 +88,10 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
         if oracle is None and (out / c.slug / 'oracle.pt').exists(): oracle = out / c.slug / 'oracle.pt'   # fitted once, shared by every cell
         if not r.complete: done = False; continue
         rows.append(dict(r.summary[0], row=c.name, group=c.group, cell=c.slug, extractor=r.report['extractor'],
-                         fid_reconstructions=r.summary[1]['fid'], fid_originals=r.summary[2]['fid']))
+                         **{f'{k}_{w}': v for w, rr in (('reconstructions', r.summary[1]), ('originals', r.summary[2])) for k, v in rr.items() if k not in ('row', 'n')}))
     if done and rows:
         _write_csv(out / 'sweep.csv', rows)
-        md_text = (f"Extractor for FID/CMMD (all rows): **{rows[0]['extractor']}**\n\n## Thesis columns\n\n" + markdown_table(rows, THESIS_COLUMNS)
+        md_text = (f"Features of the set-level columns (all rows): **{rows[0]['extractor']}**\n\n## Thesis columns\n\n" + markdown_table(rows, THESIS_COLUMNS)
                    + "\n\n## Ground truth (phantoms)\n\n" + markdown_table(rows, SWEEP_GT_COLUMNS) + '\n')
         with atomic_write(out / 'sweep.md', overwrite=True, mode='w') as f: f.write(md_text)
     return rows
@@ -143,6 +143,10 @@ def add_robust_classifier(model_dir, eps255: int, n_train: int = 64, steps: int 
     return cf, gf
 
 # %% ../nbs/12_ablations.ipynb #f90a1a73
+def _mmd_key(row):
+    "The MMD column of a row: CMMD (CLIP) if present, else MMD-EffNet, else the classifier-feature MMD."
+    return next(k for k in ('cmmd', 'mmd_effnet', 'mmd_clf', 'mmd_random', 'mmd_custom') if k in row)
+
 def _ablations_args(p):
     p.add_argument('--model-dir', required=True, help='generator.pt, encoder.pt and classifier[_tradesK].pt + gmms[_tradesK].pt per ε (e.g. spruce_nb/zoo/cxr64)')
     p.add_argument('--out', required=True, help='output root: one directory per sweep (cells, sweep.csv, sweep.md, figure.png); unfinished cells are continued')
@@ -181,9 +185,9 @@ def _ablations_run(args) -> int:
         rows = run_sweep(md, cells, out / sweep, oracle=oracle, **kw)
         if oracle is None and (out / sweep / cells[0].slug / 'oracle.pt').exists(): oracle = out / sweep / cells[0].slug / 'oracle.pt'
         if sweep == 'epsilon' and clf[0] == 'best-cmmd':
-            best = min(rows, key=lambda r: r['cmmd'])
+            best = min(rows, key=lambda r: r[_mmd_key(r)])
             c0 = [c for c in cells if c.name == best['row']][0]
-            clf = (c0.classifier, c0.gmms); print(f'λ sweeps explain {c0.classifier} (lowest CMMD: {best["cmmd"]:.4f})')
+            clf = (c0.classifier, c0.gmms); print(f'λ sweeps explain {c0.classifier} (lowest {_mmd_key(best)}: {best[_mmd_key(best)]:.4f})')
         fig = plot_sweep_images(out / sweep, cells, title=f'{sweep} sweep: the same image in every cell')
         with atomic_write(out / sweep / 'figure.png', overwrite=True) as f: fig.savefig(f, format='png', dpi=110)
         plt.close(fig)

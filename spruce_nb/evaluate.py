@@ -18,9 +18,9 @@ from .core import (CLICommand, Config, atomic_write, get_device, progress, seed_
                             file_sha256, image_to_numpy, is_tiny, check_images)
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'EvaluationConfig',
+__all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'EvaluationConfig',
            'select_correctly_classified', 'summarise', 'markdown_table', 'nearest_real_l1', 'plot_evaluation_grid',
-           'EvaluationResult', 'evaluate_counterfactuals', 'tiny_model_dir']
+           'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals', 'tiny_model_dir']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -105,7 +105,7 @@ def _is_phantom(ds) -> bool:
     return all(hasattr(ds, a) for a in ('seeds', 'modality', 'markers', 'causal_names'))
 
 @torch.no_grad()
-def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractor, oracle, cfg: EvaluationConfig, keep_images: int) -> dict:
+def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, oracle, cfg: EvaluationConfig, keep_images: int) -> dict:
     from spruce_nb.metrics import (l1_per_pixel, mse, lpips, concentration, target_confidence, edit_metrics, path_position,
                                    phantom_cf_path, oracle_change)
     x = _items(ds, idx)
@@ -142,12 +142,15 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractor, oracle, c
         if _is_phantom(ds): r['seed'] = int(ds.seeds[j])
         r.update({k: float(v[i]) for k, v in cols.items()})
         rows.append(r)
-    feats = {k: extractor(v).float().cpu() for k, v in dict(counterfactual=cf, reconstruction=rec, original=orig).items()}
+    feats = {f'{k}|{e.key}': e(v).float().cpu() for k, v in dict(counterfactual=cf, reconstruction=rec, original=orig).items() for e in extractors}
     imgs = dict(original=_u8(orig[:keep_images]), reconstruction=_u8(rec[:keep_images]), counterfactual=_u8(cf[:keep_images]), **gt_imgs)
     return dict(indices=[int(j) for j in idx], rows=rows, features=feats, images=imgs)
 
 # %% ../nbs/11a_evaluate.ipynb #7ef8d52d
-THESIS_COLUMNS = [('fid', 'FID ↓'), ('cmmd', 'CMMD ↓'), ('flip_ratio', 'Flip ratio ↑'), ('l1', 'L1 ↓'), ('confidence', 'Confidence ↑')]
+#: realism columns, each named after the features it was computed on (11_metrics §3); a table shows those a run has
+REALISM_COLUMNS = [('fid', 'FID ↓'), ('kid', 'KID ↓'), ('cmmd', 'CMMD ↓'), ('mmd_effnet', 'MMD-EffNet ↓'),
+                   ('fd_clf', 'FD classifier ↓'), ('mmd_clf', 'MMD classifier ↓')]
+THESIS_COLUMNS = REALISM_COLUMNS + [('flip_ratio', 'Flip ratio ↑'), ('l1', 'L1 ↓'), ('confidence', 'Confidence ↑')]
 EXTRA_COLUMNS = [('mse', 'MSE ↓'), ('lpips', 'LPIPS ↓'), ('concentration', 'Concentration ↓'), ('recon_mse', 'Inversion MSE ↓'),
                  ('l1_nearest_target', 'L1 to nearest real target'), ('below_nearest', 'L1 < nearest ↑')]
 GT_COLUMNS = [('edit_err', 'Edit error ↓'), ('in_mask', 'In-mask energy ↑'), ('edit_cos', 'Edit cosine ↑'), ('leak', 'Leakage ↓'),
@@ -157,24 +160,23 @@ def _mean(rows, k):
     v = [r[k] for r in rows if k in r and r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
     return float(np.mean(v)) if v else float('nan')
 
-def summarise(rows: list, feats: dict, real_feats: torch.Tensor, label: str = 'SPRUCE', unbiased: bool = False) -> list[dict]:
-    "Table rows: the counterfactuals (all columns) and the reconstruction / original reference rows (FID, CMMD)."
-    from spruce_nb.metrics import frechet_distance, cmmd_from_embeddings
-    def setlevel(a):
-        if len(a) < 2 or len(real_feats) < 2: return float('nan'), float('nan')
-        c = cmmd_from_embeddings(F.normalize(a.double(), dim=-1), F.normalize(real_feats.double(), dim=-1), unbiased=unbiased)
-        return frechet_distance(a, real_feats), c
+def summarise(rows: list, feats: dict, real_feats: dict, extractors: list, label: str = 'SPRUCE', unbiased: bool = False) -> list[dict]:
+    "Table rows: the counterfactuals (all columns) and the reconstruction / original reference rows (the set-level realism columns)."
+    def setlevel(kind):
+        out = {}
+        for e in extractors:
+            a, r = feats[f'{kind}|{e.key}'], real_feats[e.key]
+            if len(a) >= 2 and len(r) >= 2: out.update(e.set_metrics(a, r, unbiased=unbiased))
+        return out
     out = []
-    fid, cm = setlevel(feats['counterfactual'])
-    main = dict(row=f'{label}: counterfactuals', n=len(rows), fid=fid, cmmd=cm, flip_ratio=_mean(rows, 'flipped'))
+    main = dict(row=f'{label}: counterfactuals', n=len(rows), **setlevel('counterfactual'), flip_ratio=_mean(rows, 'flipped'))
     keys = [k for k in rows[0] if k not in ('index', 'source', 'target', 'prediction', 'flipped', 'status', 'seed', 'crossing_step')]
     main.update({k: _mean(rows, k) for k in keys})
     crossed = [r['crossing_step'] for r in rows if r['crossing_step'] >= 0]
     main['crossing_step'] = float(np.mean(crossed)) if crossed else float('nan')
     out.append(main)
     for k, name in (('reconstruction', 'reconstructions (inversion, no edit)'), ('original', 'originals (source class)')):
-        f, c = setlevel(feats[k])
-        out.append(dict(row=name, n=len(rows), fid=f, cmmd=c))
+        out.append(dict(row=name, n=len(rows), **setlevel(k)))
     return out
 
 def _fmt(v, pct=False):
@@ -281,18 +283,37 @@ def _plain(o):
     if isinstance(o, (list, tuple)): return [_plain(v) for v in o]
     return repr(o)
 
-def _default_extractor(spruce, extractor):
+def _one_extractor(spruce, e):
     from spruce_nb.metrics import ClassifierFeatures, get_extractor
-    if extractor is None or extractor == 'classifier':
+    if e == 'classifier':
         c = spruce.classifier
         return ClassifierFeatures(c, name=f"classifier-features:{getattr(c, 'arch', type(c).__name__)} (the explained classifier)")
-    if isinstance(extractor, (str, Path)) and extractor not in ('inception', 'clip'):
-        p = Path(extractor)
-        if not p.is_file(): raise FileNotFoundError(f"extractor {extractor!r}: not 'classifier', 'inception', 'clip' or an existing classifier checkpoint file.")
+    if isinstance(e, (str, Path)) and e not in ('inception', 'effnet', 'clip'):
+        p = Path(e)
+        if not p.is_file(): raise FileNotFoundError(f"extractor {e!r}: not 'auto', 'classifier', 'inception', 'effnet', 'clip' or an existing classifier checkpoint file.")
         from spruce_nb.classifier import load_classifier
         c = load_classifier(p, device=spruce.device)
         return ClassifierFeatures(c, name=f"classifier-features:{c.arch} ({p.name}, sha256 {file_sha256(p)[:12]})")
-    return get_extractor(extractor)
+    return get_extractor(e)
+
+def _columns_of(e) -> list:
+    "The set-level column names an extractor gives (from its `set_metrics` on a dummy pair)."
+    g = torch.Generator().manual_seed(0)
+    return list(e.set_metrics(torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)))
+
+def realism_extractors(spruce, extractor='auto') -> list:
+    "The feature extractors of the set-level columns: 'auto' = FID-Inception and EfficientNet-Lite0 where their weights are installed, plus the explained classifier's features; or a name, a classifier file, an extractor, or a list of these."
+    from spruce_nb.weights import resolve_weights
+    if extractor is None or extractor == 'auto' or (isinstance(extractor, (list, tuple)) and list(extractor) == ['auto']):
+        have = {n: resolve_weights(w) is not None for n, w in (('inception', 'fid-inception'), ('effnet', 'efficientnet-lite0'))}
+        if not all(have.values()):
+            warnings.warn(f"no {' / '.join(k for k, v in have.items() if not v)} weights installed: the FID/KID/MMD-EffNet columns are left out "
+                          "(run `spruce weights install`); the classifier-feature columns fd_clf/mmd_clf are reported.", UserWarning, stacklevel=3)
+        extractor = [k for k, v in have.items() if v] + ['classifier']
+    exs = [_one_extractor(spruce, e) for e in (extractor if isinstance(extractor, (list, tuple)) else [extractor])]
+    keys = [e.key for e in exs]
+    if len(set(keys)) != len(keys): raise ValueError(f"extractors {[e.name for e in exs]}: two share the column key {keys}; give at most one of each kind.")
+    return exs
 
 def _get_oracle(ds, oracle, out: Path, cfg: EvaluationConfig):
     if not _is_phantom(ds): return None, None
@@ -357,7 +378,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
                              target_class: str = 'normal',       # c': counterfactual class (real images of it are the FID/CMMD reference)
                              n: int = 500,               # N images
                              out_dir='report',           # results; an existing run there is continued (or extended to a larger N)
-                             extractor=None,             # FID/CMMD features: None/'classifier' (the explained classifier), a classifier .pt, 'inception', 'clip', or a FeatureExtractor
+                             extractor='auto',           # set-level features: 'auto' (Inception + EfficientNet where installed, + the classifier's), 'classifier', a classifier .pt, 'inception', 'effnet', 'clip', an extractor, or a list
                              batch_size: int = 16,
                              seed: int = 0,
                              config: EvaluationConfig | None = None, # overrides the protocol fields above when given
@@ -387,11 +408,12 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
         for name in _OUTPUTS: (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / 'batches', ignore_errors=True)
     (out / 'batches').mkdir(parents=True, exist_ok=True)
-    ext = _default_extractor(spruce, extractor)
+    exts = realism_extractors(spruce, extractor)
+    ext_names = [e.name for e in exts]
     lp = lpips_info('vgg')
     fp = dict(protocol=cfg.to_dict(), counterfactual=spruce.config.to_dict(), use_pti=bool(spruce.use_pti),
               pti_config=_plain(spruce.pti_config), scale_lambdas=bool(spruce.scale_lambdas), models=_model_identity(spruce),
-              extractor=ext.name, lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
+              extractor=' + '.join(ext_names), lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
     fpf = out / 'fingerprint.json'
     if fpf.exists():
         old = json.loads(fpf.read_text())
@@ -416,7 +438,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
         if bf.exists(): continue
         if max_batches is not None and len(computed) >= max_batches: break
         seed_everything(cfg.seed * 100003 + b)
-        d = _score_batch(spruce, ds, idx[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.source_class, cfg.target_class, ext, orc, cfg,
+        d = _score_batch(spruce, ds, idx[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.source_class, cfg.target_class, exts, orc, cfg,
                          keep_images=max(0, cfg.n_figure - b * cfg.batch_size))
         d['batch'] = b
         with atomic_write(bf, overwrite=True) as f: torch.save(d, f)
@@ -427,18 +449,18 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     if not done: return EvaluationResult(out, False, rows, [], {}, computed)
     # set level: real target-class images of the same held-out split
     real_idx = _ordered(_labels_of(ds), names.index(cfg.target_class), cfg.seed + 1)[:cfg.n_real or None]
-    real = torch.cat([ext(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1)
+    real = {e.key: torch.cat([e(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1) for e in exts}
     if isinstance(data, str) and nearest_split:   # L1 baseline: nearest real target-class image of the training split
         _add_nearest_l1(rows, ds, dataset_from_spec(data, split=nearest_split, size=spruce.resolution, seed=cfg.data_seed), names.index(cfg.target_class))
-    summary = summarise(rows, feats, real, label=label, unbiased=cfg.cmmd_unbiased)
+    summary = summarise(rows, feats, real, exts, label=label, unbiased=cfg.cmmd_unbiased)
     gt = _is_phantom(ds)
     causal = list(getattr(ds, 'causal_names', ()))
     gt_cols = GT_COLUMNS + [(f'oracle_d_{c}', f'Δ{c} oracle') for c in causal] + [(f'true_d_{c}', f'Δ{c} true') for c in causal]
     md = [f"# Counterfactual evaluation: {cfg.source_class} → {cfg.target_class}", '',
           f"N = {len(rows)} correctly classified held-out `{cfg.source_class}` images of `{cfg.data}` (split `{cfg.split}`), "
-          f"{len(real_idx)} real `{cfg.target_class}` images as the FID/CMMD reference.", '',
-          f"- feature extractor for FID/CMMD: **{ext.name}**",
-          f"- LPIPS: {lp['net']} v{lp['version']}, trunk {lp['trunk']}" + ('' if lp['pretrained_trunk'] else ' — **random trunk: LPIPS values are not comparable to published ones**'),
+          f"{len(real_idx)} real `{cfg.target_class}` images as the reference of the set-level columns.", '',
+          *[f"- {', '.join(_columns_of(e))} on **{e.name}**" for e in exts],
+          f"- LPIPS: {lp['net']} v{lp['version']}, trunk {lp['trunk']}" + (f" (sha256 {lp['trunk_sha256'][:12]})" if lp.get('trunk_sha256') else '') + ('' if lp['pretrained_trunk'] else ' — **random trunk: LPIPS values are not comparable to published ones**'),
           f"- explainer: T = {spruce.config.steps}, λ_perc = {spruce.config.lambda_perc:g}, λ_latent = {spruce.config.lambda_latent:g}, "
           f"λ_image = {spruce.config.lambda_image:g} (scaled to {spruce.resolution} px: {spruce.scale_lambdas}), PTI: {spruce.use_pti}"]
     if command: md.append(f"- command: `{command}`")
@@ -455,7 +477,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     plt.close(fig)
     import spruce_nb
     report = dict(summary=summary, fingerprint=_plain(fp), selection={k: v for k, v in sel.items() if k != 'indices'},
-                  n_evaluated=len(rows), n_real=len(real_idx), extractor=ext.name, lpips=lp, data=repr(ds),
+                  n_evaluated=len(rows), n_real=len(real_idx), extractor=' + '.join(ext_names), extractors=[dict(name=e.name, key=e.key, weights=getattr(e, 'weights_info', None)) for e in exts],
+                  lpips=lp, data=repr(ds),
                   oracle=None if orc is None else dict(source=orc_src, error=getattr(orc, 'error', None), accuracy=getattr(orc, 'accuracy', None)),
                   versions=dict(spruce_nb=spruce_nb.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
                                 platform=platform.platform()),
@@ -511,8 +534,8 @@ def _evaluate_args(p):
     p.add_argument('--data-n', type=int, default=None, help='phantoms: items in the split (default 1000 for test)')
     p.add_argument('--seed', type=int, default=0, help='order in which source images are drawn')
     p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--n-real', type=int, default=None, help='real target images for FID/CMMD (default: all in the split)')
-    p.add_argument('--extractor', default='classifier', help="FID/CMMD features: 'classifier' (the explained one), a classifier .pt, 'inception' or 'clip' (local weights)")
+    p.add_argument('--n-real', type=int, default=None, help='real target images, the reference of the set-level columns (default: all in the split)')
+    p.add_argument('--extractor', nargs='+', default=['auto'], help="features of the set-level columns: 'auto' (FID-Inception → fid, kid and EfficientNet-Lite0 → mmd_effnet where `spruce weights install` put them, plus the explained classifier → fd_clf, mmd_clf), or any of 'classifier', a classifier .pt, 'inception', 'effnet', 'clip'")
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
     p.add_argument('--steps', type=int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
     p.add_argument('--lambda-perc', type=float, default=None); p.add_argument('--lambda-latent', type=float, default=None)
@@ -548,5 +571,5 @@ def _evaluate_run(args) -> int:
     print(f"wrote {args.out}/summary.md, summary.csv, per_image.csv, figure.png, report.json ({len(r.computed_batches)} batch(es) computed now)")
     return 0
 
-cli_commands = [CLICommand('evaluate', 'evaluate SPRUCE counterfactuals on N correctly classified held-out images (FID, CMMD, flip, L1, confidence, ground truth); resumable',
+cli_commands = [CLICommand('evaluate', 'evaluate SPRUCE counterfactuals on N correctly classified held-out images (FID/KID, MMD-EffNet, flip, L1, confidence, LPIPS, ground truth); resumable',
                            _evaluate_args, _evaluate_run)]

@@ -93,7 +93,7 @@ def cmmd_from_embeddings(emb_a,                 # embeddings [m, D] (CLIP: L2-no
     "CMMD = 1000 · MMD² (Gaussian RBF, σ = 10) between two embedding sets; the official biased estimator unless `unbiased`."
     return scale * mmd2_rbf(emb_a, emb_b, sigma, unbiased)
 
-# %% ../nbs/11_metrics.ipynb #0825acb6
+# %% ../nbs/11_metrics.ipynb #e3f66827
 def kid_from_features(feats_a,                   # features [m, D]
                       feats_b,                   # features [n, D]
                       subsets: int = 100,        # random subsets averaged
