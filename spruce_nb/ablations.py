@@ -88,10 +88,12 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
         if oracle is None and (out / c.slug / 'oracle.pt').exists(): oracle = out / c.slug / 'oracle.pt'   # fitted once, shared by every cell
         if not r.complete: done = False; continue
         rows.append(dict(r.summary[0], row=c.name, group=c.group, cell=c.slug, extractor=r.report['extractor'],
+                         lpips_trunk=r.report['lpips']['trunk'], lpips_trunk_sha256=r.report['lpips'].get('trunk_sha256'),
                          **{f'{k}_{w}': v for w, rr in (('reconstructions', r.summary[1]), ('originals', r.summary[2])) for k, v in rr.items() if k not in ('row', 'n')}))
     if done and rows:
         _write_csv(out / 'sweep.csv', rows)
-        md_text = (f"Features of the set-level columns (all rows): **{rows[0]['extractor']}**\n\n## Thesis columns\n\n" + markdown_table(rows, THESIS_COLUMNS)
+        md_text = (f"Features of the set-level columns (all rows): **{rows[0]['extractor']}**\n\n"
+                   f"LPIPS trunk (all rows): {rows[0]['lpips_trunk']}" + (f" (sha256 {rows[0]['lpips_trunk_sha256'][:12]}…)" if rows[0]['lpips_trunk_sha256'] else '') + "\n\n## Thesis columns\n\n" + markdown_table(rows, THESIS_COLUMNS)
                    + "\n\n## Ground truth (phantoms)\n\n" + markdown_table(rows, SWEEP_GT_COLUMNS) + '\n')
         with atomic_write(out / 'sweep.md', overwrite=True, mode='w') as f: f.write(md_text)
     return rows

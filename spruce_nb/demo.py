@@ -83,7 +83,7 @@ class DemoConfig:
     entry: str = 'cxr64'           # zoo entry
     n: int = 4                     # images to explain
     steps: int = 60                # T, counterfactual optimisation steps (λ_image = 1e-3 slows the crossing: 30 steps flip only half)
-    pti_steps: int = 100           # PTI steps (reference: 350 with an LPIPS ≤ 0.06 early stop)
+    pti_steps: int = 100           # PTI steps (reference: 350 with an LPIPS-Alex ≤ 0.07 early stop)
     pti_lr: float = 1e-3           # PTI learning rate (reference: 3e-4; fewer, larger steps keep the demo short)
     use_pti: bool = True
     lpips_net: str = 'alex'        # LPIPS trunk in the objective: AlexNet keeps the demo to minutes on a CPU (thesis: 'vgg')
@@ -172,7 +172,7 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
     for k, v in source.items(): print(f'  {k:24s} {v}')
     dev = get_device(device)
     from spruce_nb.pti import PTIConfig
-    pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS <= 0.06 only with the real LPIPS trunk (see 08_pti)
+    pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS-Alex <= 0.07 only with the real LPIPS trunk (see 08_pti)
     ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net, lambda_image=cfg.lambda_image)
     sps = {'plain': Spruce.from_dir(models, device=dev, config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg),
            'TRADES 2/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades2.pt', gmms='gmms_trades2.pt',
@@ -222,7 +222,7 @@ def _report_markdown(rows: dict, info: dict) -> str:
               'Models: ' + ', '.join(f'{k}: {v}' for k, v in info['models'].items()) + '.',
               f"λ_image = {info['config']['lambda_image']:g} at the 256-px reference (the thesis' 1e-6 leaves the pixel term negligible on these models; "
               f"see 10_counterfactual), the thesis' λ_perc and λ_latent, T = {info['config']['steps']}, PTI {'on' if info['config']['use_pti'] else 'off'}.",
-              f"LPIPS in the objective: {info['config']['lpips_net']} trunk, {'pretrained' if info['lpips'].get('pretrained_trunk') else 'random (offline fallback; see spruce_nb.perceptual)'}."]
+              f"LPIPS in the objective: {info['config']['lpips_net']} trunk, " + (f"ImageNet weights ({info['lpips'].get('trunk_origin')}, sha256 {str(info['lpips'].get('trunk_sha256'))[:12]}…)." if info['lpips'].get('pretrained_trunk') else "RANDOM (offline fallback: run `spruce weights install`; see spruce_nb.perceptual).")]
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/13_demo.ipynb #22fe8fc9

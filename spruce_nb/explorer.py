@@ -45,6 +45,12 @@ def held_out_phantoms(n: int = 4,            # number of images (classes alterna
     return x, ds.labels.clone(), [f'test #{i} ({ds.classes[int(ds.labels[i])]})' for i in range(n)]
 
 # %% ../nbs/14_explorer.ipynb #d58ce51f
+def _lpips_record(net: str) -> dict:
+    "The LPIPS weights in use, for the explorer's `state`: net, real or random trunk, its origin and sha256."
+    from spruce_nb.perceptual import lpips_info
+    i = lpips_info(net)
+    return dict(net=net, pretrained_trunk=i['pretrained_trunk'], origin=i.get('trunk_origin'), sha256=i.get('trunk_sha256'))
+
 class Explorer:
     "Interactive SPRUCE explorer (ipywidgets): image, target, λs, Explain, then a slider along the optimisation trajectory."
     def __init__(self, spruce,                     # a `spruce_nb.counterfactual.Spruce`
@@ -187,7 +193,8 @@ class Explorer:
         self._clear()
         self.explanation, self._render = ex, inv.render
         T = len(ex.probs) - 1
-        self.state.update(steps=T, crossing_step=int(ex.crossing_step[0]), seconds=round(time.time() - t0, 2), config=ex.config, error=None)
+        self.state.update(steps=T, crossing_step=int(ex.crossing_step[0]), seconds=round(time.time() - t0, 2), config=ex.config, error=None,
+                          lpips=_lpips_record(sp.base_config.lpips_net))   # which LPIPS weights made this explanation
         self.trajectory.max = self.play.max = T
         self.trajectory.disabled = self.play.disabled = False
         if self.trajectory.value != T: self.trajectory.value = T   # the observer renders step T

@@ -29,12 +29,12 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert [r['row'] for r in rows] == [c.name for c in cells]
     assert len({r['extractor'] for r in rows}) == 1 and 'classifier.pt' in rows[0]['extractor']
     assert rows[0]['confidence'] != rows[1]['confidence']       # plain and robust rows explain different classifiers
-    for r in rows: assert 0 <= r['flip_ratio'] <= 1 and r['fid'] >= 0 and 0 <= r['in_mask'] <= 1
+    for r in rows: assert 0 <= r['flip_ratio'] <= 1 and r['fd_clf'] >= 0 and 0 <= r['in_mask'] <= 1
     md_text = (tmp_path / 'sweep' / 'sweep.md').read_text()
     assert 'ε = 8/255' in md_text and 'In-mask' in md_text
     stamp = (tmp_path / 'sweep' / cells[0].slug / 'batches' / 'batch_00000.pt').stat().st_mtime_ns
     again = run_sweep(md, cells, tmp_path / 'sweep', config=cfg, use_pti=False, steps=2, oracle=oracle, show_progress=False)
-    assert [r['fid'] for r in again] == [r['fid'] for r in rows]   # read back, not recomputed
+    assert [r['fd_clf'] for r in again] == [r['fd_clf'] for r in rows]   # read back, not recomputed
     assert (tmp_path / 'sweep' / cells[0].slug / 'batches' / 'batch_00000.pt').stat().st_mtime_ns == stamp
     import matplotlib.pyplot as plt
     plt.close(plot_sweep_images(tmp_path / 'sweep', cells))

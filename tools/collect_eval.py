@@ -2,15 +2,16 @@
 
     python tools/collect_eval.py RUN_DIR [RUN_DIR ...] --out nbs/data/eval_cxr64.json
 
-Per run: the command, the set-level summary rows (FID, CMMD against the run's extractor), and for every per-image
+Per run: the command, the set-level summary rows (every realism column the run computed: fid, kid, mmd_effnet, fd_clf, mmd_clf, or the older runs' fid/cmmd on classifier features), and for every per-image
 column its mean with a normal-approximation 95 % interval (1.96·s/√n), so two runs can be compared honestly, and the
 PAIRED columns of every image (keyed by dataset index), so two runs can be compared image by image.
 """
 import argparse, csv, json, math, statistics
 from pathlib import Path
 
-COLUMNS = ['flipped', 'confidence', 'l1', 'l1_nearest_target', 'below_nearest', 'lpips', 'recon_mse', 'in_mask', 'edit_cos',
+COLUMNS = ['flipped', 'confidence', 'l1', 'l1_nearest_target', 'below_nearest', 'lpips', 'recon_mse', 'recon_lpips', 'in_mask', 'edit_cos',
            'leak', 'oracle_flip', 'oracle_d_ctr', 'true_d_ctr', 'crossing_step']
+SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf')   # older runs: fid/cmmd were on classifier features (see 'extractor')
 PAIRED = ['flipped', 'confidence', 'l1', 'in_mask', 'edit_cos']   # per image, for paired comparisons between runs
 
 
@@ -25,7 +26,8 @@ def collect(run: Path) -> dict:
     fp = rep['fingerprint']
     return dict(label=fp['label'], command=rep['command'], n=rep['n_evaluated'], extractor=rep['extractor'],
                 lpips_trunk=rep['lpips']['trunk'], use_pti=fp['use_pti'], counterfactual=fp['counterfactual'],
-                set_level=[{k: r.get(k) for k in ('row', 'fid', 'cmmd')} for r in rep['summary']],
+                set_level=[{k: v for k, v in r.items() if k in SET_LEVEL} for r in rep['summary']],
+                extractors=rep.get('extractors'), lpips_trunk_sha256=rep['lpips'].get('trunk_sha256'),
                 per_image=stats, seconds_last_call=rep['seconds_this_call'],
                 rows={r['index']: [round(float(r[k]), 4) for k in PAIRED] for r in rows}, row_columns=PAIRED)
 
