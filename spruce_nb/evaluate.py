@@ -543,6 +543,7 @@ def _evaluate_args(p):
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning')
     p.add_argument('--pti-steps', type=int, default=None, help='PTI steps per image (default: PTIConfig.steps, the reference 350)')
     p.add_argument('--pti-lr', type=float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
+    p.add_argument('--pti-lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="PTI's LPIPS trunk (default: PTIConfig.lpips_net, the reference's 'alex')")
     p.add_argument('--label', default='SPRUCE', help='name of the method row in the table')
     p.add_argument('--max-batches', type=int, default=None, help='stop after this many new batches (continue later with the same command)')
     p.add_argument('--overwrite', action='store_true', help='discard a previous run in --out')
@@ -553,7 +554,7 @@ def _evaluate_run(args) -> int:
     src, sep, tgt = args.classes.partition(':')
     if not sep or not src or not tgt: raise ValueError(f"--classes {args.classes!r}: expected SOURCE:TARGET, e.g. cardiomegaly:normal.")
     from spruce_nb.pti import PTIConfig
-    pti = {k: v for k, v in dict(steps=args.pti_steps, lr=args.pti_lr).items() if v is not None}
+    pti = {k: v for k, v in dict(steps=args.pti_steps, lr=args.pti_lr, lpips_net=args.pti_lpips_net).items() if v is not None}
     if pti and args.no_pti: raise ValueError('--pti-steps/--pti-lr set PTI up, --no-pti switches it off: pass one or the other.')
     sp = Spruce.from_dir(args.model_dir, device=args.device, use_pti=not args.no_pti, classifier=args.classifier, gmms=args.gmms,
                          **({'pti_config': PTIConfig(**pti)} if pti else {}))
