@@ -16,11 +16,11 @@ from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoin
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
-           'IMAGE_EXTENSIONS', 'PREPROCESSING', 'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'phantom_seeds',
-           'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms', 'phantom_counterfactuals',
-           'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task', 'dataset_from_spec',
-           'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset', 'write_phantom_folder',
-           'PhantomOracle', 'load_oracle', 'fit_oracle']
+           'IMAGE_EXTENSIONS', 'PREPROCESSING', 'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2',
+           'ORACLE_TOL_QUANTILE', 'phantom_seeds', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
+           'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
+           'dataset_from_spec', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
+           'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle', 'load_oracle', 'fit_oracle']
 
 # %% ../nbs/02_data.ipynb #085fc6ab
 PHANTOM_CLASSES = {  # modality -> all its classes (label 0 is the healthy class)
@@ -907,16 +907,49 @@ def _oracle_features(images):
     f += [pool(((t - g) * 8).clamp(0, 1), 8).flatten(1) for t in (-0.7, -0.4, -0.1, 0.2, 0.5)]  # soft area of dark structures
     return torch.cat(f, 1)
 
+ORACLE_MIN_R2 = 0.5      # a nuisance variable the oracle reads with held-out R² below this is not used to judge identity
+ORACLE_TOL_QUANTILE = 0.99  # per-variable tolerance: this quantile of the oracle's held-out absolute error
+
+def phantom_nuisance(modality: str, seeds, size: int = 64) -> tuple[tuple, torch.Tensor]:
+    "The nuisance variables (the *patient*: anatomy, pose, contrast, noise level) of phantoms `seeds`: (names, values [N,K])."
+    model = _check_modality(modality)
+    P = _draw(model, torch.as_tensor(seeds, dtype=torch.int64).reshape(-1), _check_size(size))[0]
+    return tuple(P), torch.stack([P[k].float() for k in P], 1)
+
 class PhantomOracle:
-    "Reads the causal variables of a modality back from images (ridge regression fitted on phantoms)."
-    def __init__(self, modality, weight, bias, mean, std, error=None, accuracy=None):
+    "Reads the rendered variables of a modality back from images (ridge regression fitted on phantoms): the causal ones and the patient's nuisance ones."
+    def __init__(self, modality, weight, bias, mean, std, error=None, accuracy=None, names=None, tolerance=None, r2=None):
         self.modality, self.weight, self.bias, self.mean, self.std = modality, weight, bias, mean, std
         self.causal_names = CAUSAL_VARIABLES[modality]
+        self.names = tuple(names or self.causal_names)          # every variable `read` returns, causal first
+        if len(self.names) != weight.shape[1]: raise ValueError(f"oracle: {len(self.names)} names for {weight.shape[1]} outputs.")
         self.error, self.accuracy = error or {}, accuracy
+        self.tolerance, self.r2 = tolerance or {}, r2 or {}
+
+    @property
+    def nuisance_names(self) -> tuple:
+        "The nuisance variables this oracle reads (empty for an oracle fitted on causal variables only)."
+        return self.names[len(self.causal_names):]
+
+    @property
+    def identity_names(self) -> tuple:
+        "Nuisance variables read well enough (held-out R² ≥ ORACLE_MIN_R2) to say whether the patient stayed the same."
+        return tuple(k for k in self.nuisance_names if self.r2.get(k, 0.0) >= ORACLE_MIN_R2)
+
+    def check_modality(self, modality):
+        "Raise if the oracle is asked about a modality it was not fitted on."
+        if modality is not None and modality != self.modality:
+            raise ValueError(f"this oracle was fitted on {self.modality!r} phantoms and cannot read {modality!r} images; "
+                             f"fit one with fit_oracle({modality!r}).")
+
+    def read(self, images: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        "Every variable in `names` [N,V+K] measured from images [N,3,H,W] in [-1,1]."
+        self.check_modality(modality)
+        return ((_oracle_features(images) - self.mean) / self.std) @ self.weight + self.bias
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         "Causal variables [N,V] measured from images [N,3,H,W] in [-1,1]."
-        return ((_oracle_features(images) - self.mean) / self.std) @ self.weight + self.bias
+        return self.read(images)[:, :len(self.causal_names)]
 
     def predict_class(self, images) -> list[str]:
         "The class names implied by the measured causal variables."
@@ -927,25 +960,33 @@ class PhantomOracle:
 
     def save(self, path, overwrite=False):
         return save_checkpoint(path, dict(weight=self.weight, bias=self.bias, mean=self.mean, std=self.std), kind='phantom_oracle',
-                               config=dict(modality=self.modality), metadata=dict(error=self.error, accuracy=self.accuracy), overwrite=overwrite)
+                               config=dict(modality=self.modality, names=list(self.names)),
+                               metadata=dict(error=self.error, accuracy=self.accuracy, tolerance=self.tolerance, r2=self.r2), overwrite=overwrite)
 
 def load_oracle(path) -> PhantomOracle:
-    "Load a `PhantomOracle` saved with `.save(path)`."
+    "Load a `PhantomOracle` saved with `.save(path)` (older files read the causal variables only)."
     ck = load_checkpoint(path, kind='phantom_oracle')
-    return PhantomOracle(ck.config['modality'], **ck.state, **ck.metadata)
+    return PhantomOracle(ck.config['modality'], **ck.state, names=ck.config.get('names'), **ck.metadata)
 
-def fit_oracle(modality: str = 'cxr', n: int = 2000, size: int = 64, seed: int = 0, n_test: int = 500, alpha: float = 100.0) -> PhantomOracle:
-    "Fit the ridge oracle on `n` phantoms of every class; report its held-out MAE per variable and class accuracy."
+def fit_oracle(modality: str = 'cxr', n: int = 2000, size: int = 64, seed: int = 0, n_test: int = 500, alpha: float = 100.0,
+               nuisance: bool = True) -> PhantomOracle:
+    "Fit the ridge oracle on `n` phantoms of every class (causal and, unless `nuisance=False`, nuisance variables); report held-out MAE, R² and tolerance per variable, and class accuracy."
     classes = PHANTOM_CLASSES[modality]
     tr = make_phantoms(modality, n, size, seed, classes, 'train')
     te = make_phantoms(modality, n_test, size, seed, classes, 'test')
+    names, Y, Yte = tuple(tr.causal_names), tr.causal.double(), te.causal.double()
+    if nuisance:
+        nn_, Ntr = phantom_nuisance(modality, tr.seeds, size)
+        names, Y, Yte = names + nn_, torch.cat([Y, Ntr.double()], 1), torch.cat([Yte, phantom_nuisance(modality, te.seeds, size)[1].double()], 1)
     F = _oracle_features(tr.images).double()
     mean, std = F.mean(0), F.std(0) + 1e-6
     F = (F - mean) / std
-    Y = tr.causal.double(); ym = Y.mean(0)
+    ym = Y.mean(0)
     W = torch.linalg.solve(F.T @ F + alpha * torch.eye(F.shape[1], dtype=F.dtype), F.T @ (Y - ym))
-    o = PhantomOracle(modality, W.float(), ym.float(), mean.float(), std.float())
-    pred = o.predict(te.images)
-    o.error = {k: float((pred[:, j] - te.causal[:, j]).abs().mean()) for j, k in enumerate(o.causal_names)}
+    o = PhantomOracle(modality, W.float(), ym.float(), mean.float(), std.float(), names=names)
+    err = (o.read(te.images).double() - Yte).abs()
+    o.error = {k: float(err[:, j].mean()) for j, k in enumerate(names)}
+    o.tolerance = {k: float(err[:, j].quantile(ORACLE_TOL_QUANTILE)) for j, k in enumerate(names)}
+    o.r2 = {k: float(1 - (err[:, j] ** 2).mean() / Yte[:, j].var().clamp_min(1e-12)) for j, k in enumerate(names)}
     o.accuracy = float(np.mean([a == classes[b] for a, b in zip(o.predict_class(te.images), te.labels.tolist())]))
     return o
