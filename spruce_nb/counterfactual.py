@@ -102,9 +102,10 @@ def optimise_latents(render: Callable,           # ws [N,num_ws,w_dim] -> images
     "Minimise the SPRUCE objective over W+ from w_p for a batch (AdamW, cosine LR, per-image clipping), recording every step."
     N, T = len(images), int(cfg.steps)
     if T < 1: raise ValueError(f"steps must be >= 1, got {cfg.steps}.")
-    if lpips_fn is None:
-        from spruce_nb.perceptual import lpips_distance
-        lpips_fn = lambda a, b: lpips_distance(a, b, net=cfg.lpips_net)
+    if lpips_fn is None:                            # LPIPS to the fixed query: its trunk features computed once (bit-identical)
+        from spruce_nb.perceptual import lpips_to
+        to_query = lpips_to(images, net=cfg.lpips_net)
+        lpips_fn = lambda a, b: to_query(a)
     target = target.to(images.device).long()
     ws = ws_pivot.detach().clone().float().requires_grad_(True)
     ws_p = ws_pivot.detach().float()
@@ -171,6 +172,7 @@ class Explanation:
     changed_features: torch.Tensor | None = None  # [N, D] mask of features PIECE moved
     config: dict | None = None      # the CounterfactualConfig used (as a dict)
     ws_path: torch.Tensor | None = None  # [T+1, N, num_ws, w_dim] fp16, when kept
+    render: Callable | None = field(default=None, repr=False, compare=False)  # the inversion's w -> image (draws path images)
 
     def __len__(self): return len(self.original)
     @property
@@ -221,12 +223,61 @@ class Explanation:
         fig.tight_layout()
         return fig
 
-    def save(self, out_dir: str | Path, names: Sequence[str] | None = None, overwrite: bool = False) -> list[Path]:
-        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png` and `<name>.json` per image; never overwrites unless asked."
+    def path_images(self, steps: Sequence[int] | None = None) -> torch.Tensor:
+        "Images G*(w_t) of every query at optimisation steps t (0 = pivot, T = counterfactual; default all) → [K,N,3,H,W] in [-1, 1]."
+        if self.ws_path is None: raise ValueError("this explanation kept no latents (CounterfactualConfig(keep_ws=False)): only its end points exist.")
+        if self.render is None: raise ValueError("this explanation has no renderer (it was not made by Spruce.explain in this session): path images cannot be drawn.")
+        T = len(self.ws_path) - 1
+        steps = list(range(T + 1)) if steps is None else [int(t) for t in steps]
+        bad = [t for t in steps if not 0 <= t <= T]
+        if bad: raise ValueError(f"steps {bad} out of range: this path has steps 0..{T}.")
+        with torch.no_grad(): return torch.stack([self.render(self.ws_path[t].float()).clamp(-1, 1).cpu() for t in steps])
+
+    def animation_steps(self, frames: int = 24) -> list[int]:
+        "About `frames` steps from 0 to T, always including the last semifactual and the first counterfactual step of every image."
+        T = len(self.probs) - 1
+        s = set(np.linspace(0, T, max(2, frames)).round().astype(int).tolist())
+        for c in self.crossing_step.tolist():
+            if c >= 0: s |= {max(c - 1, 0), c}
+        return sorted(s)
+
+    def _gif(self, i: int, imgs: torch.Tensor, steps: list, f, fps: float, scale: int):
+        "Write image i's path [K,3,H,W] as an animated GIF to file object f: original | step image, p(target) bar and caption."
+        from PIL import Image, ImageDraw
+        tgt, T = int(self.target[i]), len(self.probs) - 1
+        name, c = self.classes[tgt], int(self.crossing_step[i])
+        to8 = lambda x: Image.fromarray((image_to_numpy(x) * 255).round().astype(np.uint8)).convert('RGB')
+        orig = to8(self.original[i]); W, H = orig.size
+        W, H = W * scale, H * scale
+        frames = []
+        for t, im in zip(steps, imgs):
+            p = float(self.probs[t, i, tgt])
+            fr = Image.new('RGB', (2 * W + 4, H + 26), 'white')
+            fr.paste(orig.resize((W, H), Image.NEAREST), (0, 0)); fr.paste(to8(im).resize((W, H), Image.NEAREST), (W + 4, 0))
+            d = ImageDraw.Draw(fr)
+            d.rectangle([0, H + 2, int((2 * W + 4) * p), H + 8], fill=(200, 40, 40) if c >= 0 and t >= c else (120, 120, 120))
+            kind = 'original' if t == 0 else 'counterfactual' if c >= 0 and t >= c else 'semifactual'
+            d.text((2, H + 11), f'step {t}/{T}  p({name})={p:.2f}  {kind}', fill='black')
+            frames.append(fr)
+        dur = [int(1000 / fps)] * len(frames); dur[-1] = 1500        # hold the last frame
+        frames[0].save(f, format='GIF', save_all=True, append_images=frames[1:], duration=dur, loop=0)
+
+    def save_animation(self, i: int, path: str | Path, frames: int = 24, fps: float = 8.0, scale: int = 4, overwrite: bool = False) -> Path:
+        "Write image i's path from reconstruction through semifactuals to the counterfactual as an animated GIF, p(target) on every frame."
+        if not -len(self) <= i < len(self): raise IndexError(f"this explanation has {len(self)} images, got index {i}.")
+        steps = self.animation_steps(frames)
+        imgs = self.path_images(steps)[:, i]
+        with atomic_write(path, overwrite=overwrite) as f: self._gif(i, imgs, steps, f, fps, scale)
+        return Path(path)
+
+    def save(self, out_dir: str | Path, names: Sequence[str] | None = None, overwrite: bool = False, animate: bool = False) -> list[Path]:
+        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png`, `<name>.json` (and `_path.gif` if `animate`) per image; never overwrites unless asked."
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         names = list(names) if names is not None else [f'{i:04d}' for i in range(len(self))]
         if len(names) != len(self): raise ValueError(f"got {len(names)} names for {len(self)} images.")
-        files = [out / f'{n}{s}' for n in names for s in ('_original.png', '_counterfactual.png', '_diff.png', '.json')]
+        kinds = ('_original.png', '_counterfactual.png', '_diff.png', '.json') + (('_path.gif',) if animate else ())
+        files = [out / f'{n}{s}' for n in names for s in kinds]
+        if animate: steps = self.animation_steps(); path = self.path_images(steps)   # fails before anything is written
         clash = [f for f in files if f.exists()]
         if clash and not overwrite: raise FileExistsError(f"{len(clash)} output file(s) already exist (e.g. {clash[0]}); pass overwrite=True (--overwrite) or choose another directory.")
         for i, n in enumerate(names):
@@ -235,6 +286,8 @@ class Explanation:
             d = self.edit[i].abs().mean(0); d = (d / d.max().clamp(min=1e-8)) * 2 - 1      # |edit| scaled to [-1, 1] for a PNG
             save_image(d[None].expand(3, -1, -1), out / f'{n}_diff.png', overwrite=overwrite)
             with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: json.dump(self.summary(i), f, indent=1)
+            if animate:
+                with atomic_write(out / f'{n}_path.gif', overwrite=overwrite) as f: self._gif(i, path[:, i], steps, f, 8.0, 4)
         return files
 
 # %% ../nbs/10_counterfactual.ipynb #29a0977c
@@ -323,7 +376,7 @@ class Spruce:
         noise = self.config.noise_mode
         if not self.use_pti:
             G = self.G
-            return Inversion(images, ws_p, lambda ws: G.synthesis(ws, noise_mode=noise))
+            return Inversion(images, ws_p, lambda ws: G.synthesis(ws.to(self.device), noise_mode=noise))
         from spruce_nb.pti import pivotal_tuning
         tuned = pivotal_tuning(self.G, images, ws_pivot=ws_p, cfg=self.pti_config)
         return Inversion(images, ws_p, lambda ws: tuned.synthesis(ws, noise_mode=noise))
@@ -368,7 +421,7 @@ class Spruce:
         return Explanation(original=images.cpu(), reconstruction=recon.cpu(), counterfactual=cf.cpu(), semifactual=semi.cpu(),
                            source=source.cpu(), target=tgt.cpu(), probs=traj.probs, classes=self.classes, status=traj.status,
                            ws_pivot=ws_p.cpu(), ws=traj.ws.cpu(), changed_features=exc.mask.cpu(), config=self.config.to_dict(),
-                           ws_path=traj.ws_path)
+                           ws_path=traj.ws_path, render=render)
 
 # %% ../nbs/10_counterfactual.ipynb #5679c231
 def _explain_args(p):
@@ -381,6 +434,7 @@ def _explain_args(p):
     p.add_argument('--lambda-image', type=float, default=None)
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning (faster, less faithful reconstructions)')
     p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--animate', action='store_true', help='also write <name>_path.gif: reconstruction → semifactuals → counterfactual, p(target) on each frame')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--device', default=None)
 
@@ -408,7 +462,7 @@ def _explain_run(args) -> int:
     n_flip = 0
     for i in range(0, len(imgs), args.batch_size):
         ex = sp.explain(imgs[i:i + args.batch_size], target=args.target)
-        ex.save(out, names=names[i:i + args.batch_size], overwrite=args.overwrite)
+        ex.save(out, names=names[i:i + args.batch_size], overwrite=args.overwrite, animate=args.animate)
         n_flip += int(ex.flipped.sum())
         for j in range(len(ex)):
             s = ex.summary(j)

@@ -16,7 +16,8 @@ from .weights import resolve_weights, load_weights, NETWORKS
 
 # %% auto #0
 __all__ = ['LPIPS_NETS', 'TRUNK_NETWORK', 'TRUNK_FILES', 'TRUNK_ENV', 'RANDOM_TRUNK_SEED', 'trunk_weights_path', 'no_downloads',
-           'lpips_model', 'lpips_pretrained', 'lpips_info', 'clear_lpips_cache', 'lpips_distance']
+           'lpips_model', 'lpips_pretrained', 'lpips_info', 'clear_lpips_cache', 'lpips_distance', 'LPIPSTo',
+           'lpips_to']
 
 # %% ../nbs/04a_perceptual.ipynb #a4ad59dd
 LPIPS_NETS = ('vgg', 'alex', 'squeeze')  # trunks the lpips package supports
@@ -188,3 +189,46 @@ def lpips_distance(a: torch.Tensor,          # images [N,3,H,W] (or [N,1,H,W]) i
     m = lpips_model(net, dev)
     out = [m(a[i:i + batch_size].to(dev).float(), b[i:i + batch_size].to(dev).float()).flatten() for i in range(0, len(a), batch_size)]
     return torch.cat(out).to(a.device) if out else a.new_zeros(0)
+
+# %% ../nbs/04a_perceptual.ipynb #3dd628cf
+class LPIPSTo:
+    "LPIPS to fixed target images with their trunk features computed once: `d(x)` == `lpips_distance(x, target)`, differentiable in x."
+    def __init__(self, target: torch.Tensor, net: str = 'vgg', device=None, check_range: bool = True):
+        t = _as_rgb(target, 'target')
+        if min(t.shape[-2:]) < 16: raise ValueError(f"lpips_to: images of {tuple(t.shape[-2:])} px are too small for the trunk's pooling; upsample to at least 16x16.")
+        self.net, self.shape, self.check_range = net, tuple(t.shape), check_range
+        self.device = torch.device(device) if device is not None else t.device
+        self.model = lpips_model(net, self.device)
+        with torch.no_grad(): self.features = self._features(t.to(self.device).float())
+
+    def _features(self, x):
+        import lpips
+        m = self.model
+        outs = m.net.forward(m.scaling_layer(x))
+        return [lpips.normalize_tensor(outs[k]) for k in range(m.L)]
+
+    def __len__(self): return self.shape[0]
+
+    def __call__(self, x: torch.Tensor,          # images [n,3,H,W] (or [n,1,H,W]) in [-1, 1]
+                 index=None,                     # which targets x is compared with (default: all, in order)
+                ) -> torch.Tensor:
+        "LPIPS(x[i], target[index[i]]) → [n] on x's device."
+        import lpips
+        if self.check_range: x = _as_rgb(x, 'x')
+        elif x.ndim == 4 and x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
+        f1 = self.features if index is None else [f[torch.as_tensor(index, device=f.device)] for f in self.features]
+        if x.shape[1:] != self.shape[1:] or len(x) != len(f1[0]):
+            raise ValueError(f"LPIPSTo: got images {tuple(x.shape)} for {len(f1[0])} target(s) of shape {self.shape[1:]}; "
+                             "pass one image per target (or index=... to pick targets).")
+        m, f0 = self.model, self._features(x.to(self.device).float())
+        val = 0
+        for k in range(m.L): val = val + lpips.spatial_average(m.lins[k]((f0[k] - f1[k]) ** 2), keepdim=True)
+        return val.flatten().to(x.device)
+
+def lpips_to(target: torch.Tensor,   # fixed images [N,3,H,W] (or [N,1,H,W]) in [-1, 1]
+             net: str = 'vgg',       # trunk: 'vgg', 'alex' or 'squeeze'
+             device=None,            # where to compute (default: target's device)
+             check_range: bool = True, # refuse compared images outside [-1, 1]; False for raw generator outputs (PTI compares those, as the reference does)
+            ) -> LPIPSTo:
+    "LPIPS to fixed images with their features cached: `d = lpips_to(I); d(x)` (bit-identical to `lpips_distance(x, I)`)."
+    return LPIPSTo(target, net, device, check_range)

@@ -66,6 +66,12 @@ def _lpips(net: str, device):
     m = lpips_model(net, device)
     return lambda a, b: m(a.float(), b.float()).flatten()
 
+def _lpips_to(x, net: str, device):
+    "LPIPS to the fixed targets x with their features computed once (`spruce_nb.perceptual.lpips_to`; bit-identical)."
+    from spruce_nb.perceptual import lpips_to
+    d = lpips_to(x.float(), net, device, check_range=False)   # G's raw output may overshoot [-1, 1], as in the reference
+    return lambda a, index=None: d(a.float(), index=index)
+
 PTI_LPIPS_THRESHOLD = 0.07  # danielroich/PTI configs/hyperparameters.py: LPIPS_value_threshold (with lpips_type = 'alex')
 
 def _stop_threshold(cfg) -> float:
@@ -129,7 +135,7 @@ def project_w(G: nn.Module,               # generator (not modified)
     w_opt = (w_avg[None].repeat(N, 1) if w_init is None else w_init.to(dev).float().clone()).requires_grad_(True)
     opt = torch.optim.Adam([w_opt, *noise.values()], betas=(0.9, 0.999), lr=cfg.w_lr)
     gens = [_image_rng(cfg.seed, i, 2) for i in idx]
-    lp = _lpips(cfg.lpips_net, dev)
+    lp = _lpips_to(x, cfg.lpips_net, dev)   # the targets' trunk features once, not every step
     G_syn = G.synthesis
     def synth(nz, w): return functional_call(G_syn, nz, (w[None].expand(G.num_ws, -1)[None],), {'noise_mode': 'const'})[0]
     was = G.training; G.eval()
@@ -142,7 +148,7 @@ def project_w(G: nn.Module,               # generator (not modified)
             for g in opt.param_groups: g['lr'] = projector_lr(step, cfg.w_steps, cfg.w_lr, cfg.lr_rampdown, cfg.lr_rampup)
             eps = torch.stack([torch.randn(G.w_dim, generator=g) for g in gens]).to(dev)
             img = vmap(synth)(noise, w_opt + eps * w_noise_scale)
-            dist = lp(img, x)
+            dist = lp(img)
             reg = sum(_noise_reg(v[:, None]) for v in noise.values())
             loss = (dist + cfg.noise_reg * reg).sum()
             opt.zero_grad(set_to_none=True)
@@ -172,16 +178,18 @@ def tune_one(G: nn.Module, image: torch.Tensor, w_p: torch.Tensor, cfg: PTIConfi
     cfg = cfg or PTIConfig()
     dev = next(G.parameters()).device
     lp = lpips_fn or _lpips(cfg.lpips_net, dev)
+    x = image[None].to(dev).float()
+    lx = (lambda a: lpips_fn(a, x)) if lpips_fn else _lpips_to(x, cfg.lpips_net, dev)
     Gt = copy.deepcopy(G).eval().requires_grad_(False)
     for p in Gt.synthesis.parameters(): p.requires_grad_(True)
     opt = torch.optim.Adam(Gt.synthesis.parameters(), lr=cfg.lr)
-    x, w_p = image[None].to(dev).float(), w_p.to(dev).float()
+    w_p = w_p.to(dev).float()
     gen = _image_rng(cfg.seed, index, 3)
     log = dict(steps=cfg.steps, lpips=[], l2=[], reg=[])
     thr = _stop_threshold(cfg)
     for step in range(cfg.steps):
         img = Gt.synthesis(w_p[None], noise_mode='const')
-        l2, lpv = F.mse_loss(img, x), lp(img, x)[0]
+        l2, lpv = F.mse_loss(img, x), lx(img)[0]
         log['lpips'].append(lpv.item()); log['l2'].append(l2.item())
         if lpv <= thr: log['steps'] = step; break
         loss = cfg.lambda_l2 * l2 + cfg.lambda_lpips * lpv
@@ -215,6 +223,7 @@ def tune_batched(G: nn.Module, images: torch.Tensor, ws_p: torch.Tensor, cfg: PT
     B = len(images)
     idx = list(range(B)) if indices is None else list(indices)
     x, ws_p = images.to(dev).float(), ws_p.to(dev).float()
+    lx = (lambda a, index: lpips_fn(a, x[index])) if lpips_fn else _lpips_to(x, cfg.lpips_net, dev)
     P = {n: p.detach()[None].repeat(B, *[1] * p.ndim).clone() for n, p in _synthesis_params(G).items()}
     M = {n: torch.zeros_like(p) for n, p in P.items()}; V = {n: torch.zeros_like(p) for n, p in P.items()}
     gens = [_image_rng(cfg.seed, i, 3) for i in idx]
@@ -235,7 +244,7 @@ def tune_batched(G: nn.Module, images: torch.Tensor, ws_p: torch.Tensor, cfg: PT
             sub = {n: P[n][a.to(dev)].requires_grad_(True) for n in P}
             img = vmap(syn_const)(sub, ws_p[a])
             l2 = (img - x[a]).square().flatten(1).mean(1)
-            lpv = lp(img, x[a])
+            lpv = lx(img, index=a.to(dev))
             final_lpips[a] = lpv.detach().cpu()
             stop = (lpv.detach().cpu() <= thr)
             if stop.any():
@@ -346,17 +355,16 @@ def pivotal_tuning(G: nn.Module,                  # the shared generator (never 
     if ws_pivot.shape != (N, G.num_ws, G.w_dim):
         raise ValueError(f"pivotal_tuning: ws_pivot must have shape [{N}, {G.num_ws}, {G.w_dim}] (num_ws from the generator), got {tuple(ws_pivot.shape)}.")
     dev = next(G.parameters()).device
-    lp = _lpips(cfg.lpips_net, dev)
     ws_pivot = ws_pivot.detach().to(dev).float()
     parts, steps, lps, hist = [], [], [], []
     if cfg.batched:
         for i in range(0, N, cfg.chunk):
             P, log = tune_batched(G, images[i:i + cfg.chunk], ws_pivot[i:i + cfg.chunk], cfg, indices=range(i, min(i + cfg.chunk, N)),
-                                  lpips_fn=lp, show_progress=show_progress)
+                                  show_progress=show_progress)
             parts.append(P); steps.append(log['steps']); lps.append(log['lpips']); hist += log['history']
     else:
         for i in progress(range(N), desc='PTI (sequential)', disable=not show_progress):
-            Gi, log = tune_one(G, images[i], ws_pivot[i], cfg, index=i, lpips_fn=lp)
+            Gi, log = tune_one(G, images[i], ws_pivot[i], cfg, index=i)
             parts.append({n: p.detach()[None] for n, p in Gi.synthesis.named_parameters()})
             steps.append(torch.tensor([log['steps']])); lps.append(torch.tensor([log['lpips'][-1] if log['lpips'] else float('nan')]))
             del Gi

@@ -167,6 +167,11 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2   # refuses
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti', '--overwrite']) == 0
     assert main(['explain', str(tmp_path / 'nope.png'), '--model-dir', str(md), '--out', str(out)]) == 2
+    anim = tmp_path / 'anim'
+    assert main(['explain', *files, '--model-dir', str(md), '--out', str(anim), '--steps', '3', '--no-pti', '--animate']) == 0
+    from PIL import Image
+    for i in range(2):
+        with Image.open(anim / f'img{i}_path.gif') as g: assert g.n_frames == 4 and g.is_animated   # steps 0..3
     assert main(['explain', *files, '--model-dir', str(tmp_path), '--out', str(out)]) == 2             # missing models
 
 def test_inversion_is_reusable_across_classifiers(parts):
@@ -191,3 +196,6 @@ def test_explain_with_pti_uses_tuned_generators(parts):
     assert ((tuned - x) ** 2).mean() < ((plain - x) ** 2).mean()
     ex = sp.explain(imgs[:2], inversion=inv, show_progress=False)
     torch.testing.assert_close(ex.reconstruction, tuned.clamp(-1, 1))
+    path = ex.path_images([0, 2])                     # the path is drawn with each image's tuned generator (fp16 latents)
+    torch.testing.assert_close(path[0], ex.reconstruction, atol=2e-2, rtol=0)
+    torch.testing.assert_close(path[1], ex.counterfactual, atol=2e-2, rtol=0)
