@@ -275,6 +275,18 @@ class Explorer:
         fig.tight_layout()
         return fig
 
+    def save_animation(self, path: str | Path | None = None, frames: int = 24, overwrite: bool = False) -> Path:
+        "Write the current path as an animated GIF (`Explanation.save_animation`); default: a new `spruce_path_<image>_<target>[_k].gif` in the working directory."
+        ex = self.explanation
+        if ex is None: raise ValueError('no explanation yet: call run() (or press Explain) first.')
+        if path is None:
+            safe = lambda s: ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in s)
+            stem = f'spruce_path_{safe(self.names[self.state["image"]])}_{safe(self.classes[int(ex.target[0])])}'
+            path = next(q for q in (Path(stem + (f'_{j}' if j else '') + '.gif') for j in range(100_000)) if not q.exists())
+        out = ex.save_animation(0, path, frames=frames, overwrite=overwrite)
+        self._set_status(f'saved the path as {html.escape(str(out))}')
+        return out
+
 # %% ../nbs/14_explorer.ipynb #e112370e
 def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, encoder.pt, gmms.pt (None: the model zoo)
             images: torch.Tensor | None = None,     # your query images [N,3,H,W] in [-1, 1] (None: held-out phantoms)
