@@ -12,34 +12,40 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .anatomy import N_ANATOMY_UNIFORMS, anatomy_params, render_anatomy, has_template, template_dir
 from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
            'IMAGE_EXTENSIONS', 'PREPROCESSING', 'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2',
-           'ORACLE_TOL_QUANTILE', 'phantom_seeds', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
-           'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
-           'dataset_from_spec', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
-           'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle', 'load_oracle', 'fit_oracle']
+           'ORACLE_TOL_QUANTILE', 'phantom_seeds', 'phantom_modalities', 'marker_mask', 'spurious_markers',
+           'PhantomBatch', 'make_phantoms', 'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset',
+           'phantom_task', 'parse_phantom_task', 'dataset_from_spec', 'load_image', 'stratified_split',
+           'ImageFolderDataset', 'MedMNISTDataset', 'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle',
+           'load_oracle', 'fit_oracle']
 
 # %% ../nbs/02_data.ipynb #085fc6ab
 PHANTOM_CLASSES = {  # modality -> all its classes (label 0 is the healthy class)
     'cxr': ('normal', 'cardiomegaly', 'opacity'),
     'oct': ('normal', 'cnv', 'dme', 'drusen'),
     'mri': ('no_dementia', 'very_mild', 'mild', 'moderate'),
+    'mri-anatomy': ('no_dementia', 'very_mild', 'mild', 'moderate'),  # real anatomy (MNI152 via nilearn), same stages
 }
 CAUSAL_VARIABLES = {  # modality -> names of the causal variables C, in the column order of `causal`
     'cxr': ('ctr', 'opacity'),                      # cardiothoracic ratio; opacity severity (0 = none)
     'oct': ('drusen_um', 'edema_um', 'cnv_um'),     # max RPE elevation by drusen; central thickening; PED height (µm)
     'mri': ('atrophy',),                            # atrophy a in [0, 1] (ventricles, sulci, cortex, brain volume)
+    'mri-anatomy': ('atrophy',),                    # atrophy a in [0, 1] (ventricular expansion, cortical thinning)
 }
-DEFAULT_CLASSES = {'cxr': ('normal', 'cardiomegaly'), 'oct': PHANTOM_CLASSES['oct'], 'mri': PHANTOM_CLASSES['mri']}
+DEFAULT_CLASSES = {'cxr': ('normal', 'cardiomegaly'), 'oct': PHANTOM_CLASSES['oct'], 'mri': PHANTOM_CLASSES['mri'],
+                   'mri-anatomy': PHANTOM_CLASSES['mri-anatomy']}
 PHANTOM_TASKS = {  # named tasks: task -> (modality, classes); 'cardiomegaly-vs-normal' is the embedded default
     'cardiomegaly-vs-normal': ('cxr', ('normal', 'cardiomegaly')),
     'opacity-vs-normal': ('cxr', ('normal', 'opacity')),
     'cxr-3class': ('cxr', PHANTOM_CLASSES['cxr']),
     'oct-4class': ('oct', PHANTOM_CLASSES['oct']),
     'mri-4stage': ('mri', PHANTOM_CLASSES['mri']),
+    'mri-anatomy-4stage': ('mri-anatomy', PHANTOM_CLASSES['mri-anatomy']),
 }
 DEFAULT_TASK = 'cxr:cardiomegaly-vs-normal'
 
@@ -380,10 +386,30 @@ class _MRI:
 
 _MODELS = {'cxr': _CXR(), 'oct': _OCT(), 'mri': _MRI()}
 
+# %% ../nbs/02_data.ipynb #f865e01e
+class _MRIAnatomy(_MRI):
+    "Axial brain MRI on the MNI ICBM152 template (see spruce_nb.anatomy); atrophy stages, labels and noise as for 'mri'."
+    name, classes, causal_names = 'mri-anatomy', PHANTOM_CLASSES['mri-anatomy'], CAUSAL_VARIABLES['mri-anatomy']
+    n_nuis, n_inv, lattice, n_noise = N_ANATOMY_UNIFORMS, 1, 1, 2
+    check = staticmethod(template_dir)          # raises, naming `pip install nilearn`, where the template is missing
+
+    def params(self, u0, u4): return anatomy_params(u0), dict(q=u4[:, 0])
+
+    def render(self, P, inv, causal, tex, S):
+        I = render_anatomy(P, causal[:, 0], S)
+        return I, {'image': I}
+
+_MODELS['mri-anatomy'] = _MRIAnatomy()
+
+def phantom_modalities() -> tuple:
+    "The phantom modalities that can render here: every key of PHANTOM_CLASSES, less 'mri-anatomy' where nilearn is missing."
+    return tuple(m for m in PHANTOM_CLASSES if m != 'mri-anatomy' or has_template())
+
 # %% ../nbs/02_data.ipynb #7df98520
 def _check_modality(modality):
     if modality not in PHANTOM_CLASSES:
         raise ValueError(f"unknown phantom modality {modality!r}; accepted: {', '.join(PHANTOM_CLASSES)}.")
+    if hasattr(_MODELS[modality], 'check'): _MODELS[modality].check()   # e.g. a template that must be installed
     return _MODELS[modality]
 
 def _check_size(size):
