@@ -18,7 +18,7 @@ from .core import CLICommand, Config, check_images, get_device, progress, to_uni
 
 # %% auto #0
 __all__ = ['cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective', 'Trajectory', 'optimise_latents',
-           'Explanation', 'Inversion', 'Spruce']
+           'Explanation', 'Inversion', 'Spruce', 'explanation_options', 'explainer_from_args']
 
 # %% ../nbs/10_counterfactual.ipynb #1c454653
 @dataclass
@@ -424,19 +424,47 @@ class Spruce:
                            ws_path=traj.ws_path, render=render)
 
 # %% ../nbs/10_counterfactual.ipynb #5679c231
+def explanation_options(p):
+    "Add the settings every explaining command shares to an argparse parser: T, the λs, both LPIPS trunks, PTI, the device."
+    p.add_argument('--steps', type=int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
+    p.add_argument('--lambda-perc', type=float, default=None, help='λ_perc at the 256-px reference (default: CounterfactualConfig)')
+    p.add_argument('--lambda-latent', type=float, default=None, help='λ_latent at the reference |w| (default: CounterfactualConfig)')
+    p.add_argument('--lambda-image', type=float, default=None, help='λ_image at the 256-px reference (default: CounterfactualConfig)')
+    p.add_argument('--lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="LPIPS trunk of the objective (default: CounterfactualConfig.lpips_net)")
+    p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning (faster, less faithful reconstructions)')
+    p.add_argument('--pti-steps', type=int, default=None, help='PTI steps per image (default: PTIConfig.steps)')
+    p.add_argument('--pti-lr', type=float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
+    p.add_argument('--pti-lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="PTI's LPIPS trunk (default: PTIConfig.lpips_net, the reference's 'alex')")
+    p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: SPRUCE_DEVICE or the best available)')
+
+def explainer_from_args(args, **from_dir) -> 'Spruce':
+    "A `Spruce` from `args.model_dir` with the options of `explanation_options` applied; bad values are refused before anything loads."
+    def bad(flag, v, why): raise ValueError(f'{flag} {v!r}: {why}.')
+    for flag, v in (('--steps', args.steps),):
+        if v is not None and v < 1: bad(flag, v, 'must be at least 1')
+    for flag, v in (('--pti-steps', args.pti_steps),):
+        if v is not None and v < 0: bad(flag, v, 'must be 0 or more')
+    for flag, v in (('--lambda-perc', args.lambda_perc), ('--lambda-latent', args.lambda_latent), ('--lambda-image', args.lambda_image)):
+        if v is not None and not (math.isfinite(v) and v >= 0): bad(flag, v, 'must be a finite number >= 0')
+    if args.pti_lr is not None and not (math.isfinite(args.pti_lr) and args.pti_lr > 0): bad('--pti-lr', args.pti_lr, 'must be a finite number > 0')
+    from spruce_nb.pti import PTIConfig
+    pti = {k: v for k, v in dict(steps=args.pti_steps, lr=args.pti_lr, lpips_net=args.pti_lpips_net).items() if v is not None}
+    if pti and args.no_pti: raise ValueError('--pti-steps/--pti-lr/--pti-lpips-net set PTI up, --no-pti switches it off: pass one or the other.')
+    sp = Spruce.from_dir(args.model_dir, device=args.device, use_pti=not args.no_pti, **({'pti_config': PTIConfig(**pti)} if pti else {}), **from_dir)
+    over = dict(steps=args.steps, lambda_perc=args.lambda_perc, lambda_latent=args.lambda_latent, lambda_image=args.lambda_image, lpips_net=args.lpips_net)
+    over = {k: v for k, v in over.items() if v is not None}
+    if over: sp.base_config = sp.base_config.replace(**over)
+    return sp
+
 def _explain_args(p):
     p.add_argument('images', nargs='+', help='image files to explain')
     p.add_argument('--model-dir', required=True, help='directory with classifier.pt, generator.pt, encoder.pt, gmms.pt (e.g. a model-zoo entry)')
     p.add_argument('--target', default=None, help='target class name or index (default: the second most probable class)')
     p.add_argument('--out', required=True, help='output directory')
-    p.add_argument('--steps', type=int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
-    p.add_argument('--lambda-perc', type=float, default=None); p.add_argument('--lambda-latent', type=float, default=None)
-    p.add_argument('--lambda-image', type=float, default=None)
-    p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning (faster, less faithful reconstructions)')
-    p.add_argument('--batch-size', type=int, default=16)
+    explanation_options(p)
+    p.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
     p.add_argument('--animate', action='store_true', help='also write <name>_path.gif: reconstruction → semifactuals → counterfactual, p(target) on each frame')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
-    p.add_argument('--device', default=None)
 
 def _explain_run(args) -> int:
     from spruce_nb.data import load_image
@@ -448,9 +476,11 @@ def _explain_run(args) -> int:
     if len(set(names)) != len(names): raise ValueError("two input images share a file name; outputs are named after the input file stem.")
     clash = [out / f'{n}.json' for n in names if (out / f'{n}.json').exists()]
     if clash and not args.overwrite: raise FileExistsError(f"{clash[0]} exists; pass --overwrite or choose another --out.")
-    sp = Spruce.from_dir(args.model_dir, device=args.device, use_pti=not args.no_pti)
-    over = {k: v for k, v in dict(steps=args.steps, lambda_perc=args.lambda_perc, lambda_latent=args.lambda_latent, lambda_image=args.lambda_image).items() if v is not None}
-    if over: sp.base_config = sp.base_config.replace(**over)
+    if args.batch_size < 1: raise ValueError(f'--batch-size {args.batch_size}: must be at least 1.')
+    sp = explainer_from_args(args)
+    target = args.target
+    if target is not None and target not in sp.classes and target.lstrip('-').isdigit(): target = int(target)   # an index, as the help says
+    if target is not None: _class_index(target, sp.classes, 1, 'cpu')          # an unknown class fails before any work
     imgs = []
     for p in paths:
         x = load_image(p)
@@ -461,7 +491,7 @@ def _explain_run(args) -> int:
     imgs = torch.stack(imgs)
     n_flip = 0
     for i in range(0, len(imgs), args.batch_size):
-        ex = sp.explain(imgs[i:i + args.batch_size], target=args.target)
+        ex = sp.explain(imgs[i:i + args.batch_size], target=target)
         ex.save(out, names=names[i:i + args.batch_size], overwrite=args.overwrite, animate=args.animate)
         n_flip += int(ex.flipped.sum())
         for j in range(len(ex)):

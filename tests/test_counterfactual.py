@@ -167,6 +167,15 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2   # refuses
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti', '--overwrite']) == 0
     assert main(['explain', str(tmp_path / 'nope.png'), '--model-dir', str(md), '--out', str(out)]) == 2
+    bad = tmp_path / 'bad'
+    for flags in (['--steps', '0'], ['--lambda-perc', 'nan'], ['--lambda-image', '-1'], ['--batch-size', '0'], ['--pti-lr', '0'],
+                  ['--target', 'pneumothorax'], ['--target', '7'], ['--no-pti', '--pti-steps', '5']):
+        assert main(['explain', *files, '--model-dir', str(md), '--out', str(bad), *flags]) == 2, flags
+        assert not bad.exists() or not any(bad.iterdir()), flags                       # refused before any work
+    by_index = tmp_path / 'by_index'
+    tgt = 1 - int(clf(imgs[:1]).argmax())
+    assert main(['explain', files[0], '--model-dir', str(md), '--out', str(by_index), '--steps', '2', '--no-pti', '--target', str(tgt)]) == 0
+    assert json.loads((by_index / 'img0.json').read_text())['target'] == clf.classes[tgt]
     anim = tmp_path / 'anim'
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(anim), '--steps', '3', '--no-pti', '--animate']) == 0
     from PIL import Image
