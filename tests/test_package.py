@@ -44,6 +44,14 @@ def test_every_module_imports():
     mods = [p.stem for p in PKG.glob('*.py') if p.stem not in ('__init__', '_modidx')]
     for m in mods: importlib.import_module(f'spruce_nb.{m}')
 
+def test_modules_compile_without_warnings():
+    "Module docstrings come from the notebooks' descriptions: LaTeX backslashes there are invalid escapes (a SyntaxError under -W error)."
+    import warnings
+    for py in sorted(PKG.glob('*.py')):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            compile(py.read_text(), str(py), 'exec')
+
 def test_wheel_imports_outside_source_tree(tmp_path):
     "Build the wheel, install it (no deps) into a scratch dir and import every module from elsewhere (tsai #962)."
     r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path / 'w'), str(ROOT)],
