@@ -17,8 +17,8 @@ from torch import nn
 from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image
 
 # %% auto #0
-__all__ = ['cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective', 'Trajectory', 'optimise_latents',
-           'Explanation', 'Inversion', 'Spruce', 'explanation_options', 'explainer_from_args']
+__all__ = ['EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective', 'Trajectory',
+           'optimise_latents', 'Explanation', 'Inversion', 'Spruce', 'explanation_options', 'explainer_from_args']
 
 # %% ../nbs/10_counterfactual.ipynb #1c454653
 @dataclass
@@ -270,11 +270,13 @@ class Explanation:
         with atomic_write(path, overwrite=overwrite) as f: self._gif(i, imgs, steps, f, fps, scale)
         return Path(path)
 
-    def save(self, out_dir: str | Path, names: Sequence[str] | None = None, overwrite: bool = False, animate: bool = False) -> list[Path]:
-        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png`, `<name>.json` (and `_path.gif` if `animate`) per image; never overwrites unless asked."
+    def save(self, out_dir: str | Path, names: Sequence[str] | None = None, overwrite: bool = False, animate: bool = False,
+             records: Sequence[dict] | None = None) -> list[Path]:
+        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png` (and `_path.gif` if `animate`), then `<name>.json` (with `records[i]` merged in) per image; never overwrites unless asked."
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         names = list(names) if names is not None else [f'{i:04d}' for i in range(len(self))]
         if len(names) != len(self): raise ValueError(f"got {len(names)} names for {len(self)} images.")
+        if records is not None and len(records) != len(self): raise ValueError(f"got {len(records)} records for {len(self)} images.")
         kinds = ('_original.png', '_counterfactual.png', '_diff.png', '.json') + (('_path.gif',) if animate else ())
         files = [out / f'{n}{s}' for n in names for s in kinds]
         if animate: steps = self.animation_steps(); path = self.path_images(steps)   # fails before anything is written
@@ -285,9 +287,10 @@ class Explanation:
             save_image(self.counterfactual[i], out / f'{n}_counterfactual.png', overwrite=overwrite)
             d = self.edit[i].abs().mean(0); d = (d / d.max().clamp(min=1e-8)) * 2 - 1      # |edit| scaled to [-1, 1] for a PNG
             save_image(d[None].expand(3, -1, -1), out / f'{n}_diff.png', overwrite=overwrite)
-            with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: json.dump(self.summary(i), f, indent=1)
             if animate:
                 with atomic_write(out / f'{n}_path.gif', overwrite=overwrite) as f: self._gif(i, path[:, i], steps, f, 8.0, 4)
+            rec = {**self.summary(i), **(records[i] if records is not None else {})}
+            with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: json.dump(rec, f, indent=1)   # last: marks the set complete
         return files
 
 # %% ../nbs/10_counterfactual.ipynb #29a0977c
@@ -466,38 +469,80 @@ def _explain_args(p):
     p.add_argument('--animate', action='store_true', help='also write <name>_path.gif: reconstruction → semifactuals → counterfactual, p(target) on each frame')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
 
+EXPLAIN_OUTPUTS = ('_original.png', '_counterfactual.png', '_diff.png', '.json')  # per image, the JSON last (it marks a complete set)
+
+def _read_record(path):
+    try: return json.loads(Path(path).read_text())
+    except (OSError, ValueError): return None
+
+def _explain_plan(paths, names, out: Path, kinds, overwrite: bool) -> list:
+    "Indices of the images still to explain: complete sets this command wrote for the same input file are kept (resume); anything else in the way is refused."
+    from spruce_nb.core import file_sha256
+    inputs = {p.resolve() for p in paths}
+    for n in names:
+        for s in kinds:
+            if (out / f'{n}{s}').resolve() in inputs:
+                raise ValueError(f"--out {out}: the output {n}{s} would replace the input file {out / f'{n}{s}'}; choose another --out.")
+    todo = []
+    for k, (p, n) in enumerate(zip(paths, names)):
+        have = [s for s in kinds if (out / f'{n}{s}').exists()]
+        if not have or overwrite: todo.append(k); continue
+        rec = _read_record(out / f'{n}.json')
+        if rec is None or rec.get('input_sha256') != file_sha256(p):
+            why = 'has no record of this command' if rec is None else f"was written for another image ({rec.get('input', '?')})"
+            raise FileExistsError(f"{out / (n + have[0])} {why}; pass --overwrite to replace the outputs for {p}, or choose another --out.")
+        if len(have) < len(kinds):           # our own set, incomplete (e.g. --animate added now): write it again
+            for s in have: (out / f'{n}{s}').unlink()
+            todo.append(k)
+    return todo
+
 def _explain_run(args) -> int:
     from spruce_nb.data import load_image
+    from spruce_nb.core import file_sha256
     paths = [Path(p) for p in args.images]
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not p.is_file()]
     if missing: raise FileNotFoundError(f"image file(s) not found: {missing}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file; give a directory (it is created if missing).")
     names = [p.stem for p in paths]
     if len(set(names)) != len(names): raise ValueError("two input images share a file name; outputs are named after the input file stem.")
-    clash = [out / f'{n}.json' for n in names if (out / f'{n}.json').exists()]
-    if clash and not args.overwrite: raise FileExistsError(f"{clash[0]} exists; pass --overwrite or choose another --out.")
     if args.batch_size < 1: raise ValueError(f'--batch-size {args.batch_size}: must be at least 1.')
+    kinds = EXPLAIN_OUTPUTS[:-1] + (('_path.gif',) if args.animate else ()) + EXPLAIN_OUTPUTS[-1:]
+    todo = _explain_plan(paths, names, out, kinds, args.overwrite)
+    if not todo:
+        print(f'all {len(paths)} explanation(s) are already in {out} (same input files); nothing to do. --overwrite recomputes them.')
+        return 0
     sp = explainer_from_args(args)
     target = args.target
     if target is not None and target not in sp.classes and target.lstrip('-').isdigit(): target = int(target)   # an index, as the help says
-    if target is not None: _class_index(target, sp.classes, 1, 'cpu')          # an unknown class fails before any work
-    imgs = []
-    for p in paths:
-        x = load_image(p)
+    tgt = None if target is None else int(_class_index(target, sp.classes, 1, 'cpu')[0])   # an unknown class fails before any work
+    imgs, small = [], max(8, sp.resolution // 8)
+    for k in todo:
+        p = paths[k]; x = load_image(p)
+        if not torch.isfinite(x).all(): raise ValueError(f"{p}: the image has NaN or infinite pixel values; fix or remove the file.")
+        if min(x.shape[-2:]) < small:
+            raise ValueError(f"{p}: {tuple(x.shape[-2:])} px is too small to explain with {sp.resolution}-px models (at least {small} px).")
         if tuple(x.shape[-2:]) != (sp.resolution, sp.resolution):   # the CLI resizes (with a warning); the Python API refuses
             warnings.warn(f"{p}: {tuple(x.shape[-2:])} px resized to {sp.resolution}x{sp.resolution} px, the models' resolution.")
-            x = load_image(p, size=sp.resolution)
+            x = F.interpolate(to_unit(x)[None], size=(sp.resolution,) * 2, mode='bilinear', antialias=True, align_corners=False)[0].clamp(0, 1) * 2 - 1
         imgs.append(x)
     imgs = torch.stack(imgs)
-    n_flip = 0
-    for i in range(0, len(imgs), args.batch_size):
+    if tgt is not None:                                          # every image checked before the first one is explained
+        with torch.no_grad(): pred = torch.cat([sp.classifier(imgs[i:i + 64].to(sp.device)).argmax(-1).cpu() for i in range(0, len(imgs), 64)])
+        same = [str(paths[k]) for k, c in zip(todo, pred.tolist()) if c == tgt]
+        if same: raise ValueError(f"{len(same)} image(s) are already predicted as '{sp.classes[tgt]}', the target: {same[:5]}{' …' if len(same) > 5 else ''}. "
+                                  "A counterfactual needs another class: leave them out, or pick another --target.")
+    n_flip, skipped = 0, len(paths) - len(todo)
+    for i in range(0, len(todo), args.batch_size):
+        ks = todo[i:i + args.batch_size]
         ex = sp.explain(imgs[i:i + args.batch_size], target=target)
-        ex.save(out, names=names[i:i + args.batch_size], overwrite=args.overwrite, animate=args.animate)
+        ex.save(out, names=[names[k] for k in ks], overwrite=args.overwrite, animate=args.animate,
+                records=[dict(input=str(paths[k]), input_sha256=file_sha256(paths[k])) for k in ks])
         n_flip += int(ex.flipped.sum())
-        for j in range(len(ex)):
+        for j, k in enumerate(ks):
             s = ex.summary(j)
-            print(f"{names[i + j]}: {s['source']} -> {s['target']}  flipped={s['flipped']}  p(target)={s['confidence']:.3f}  crossing step {s['crossing_step']}")
-    print(f'flipped {n_flip}/{len(imgs)}; outputs in {out}')
+            print(f"{names[k]}: {s['source']} -> {s['target']}  flipped={s['flipped']}  p(target)={s['confidence']:.3f}  crossing step {s['crossing_step']}")
+    print(f"flipped {n_flip}/{len(todo)}{f' ({skipped} already done, kept)' if skipped else ''}; outputs in {out}")
     return 0
 
 cli_commands = [CLICommand('explain', 'explain images with SPRUCE counterfactuals (writes PNGs and a JSON per image)', _explain_args, _explain_run)]

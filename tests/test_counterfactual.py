@@ -3,6 +3,7 @@ and bad input. Small models (32 px) keep this file fast on one CPU core."""
 import json, math, warnings
 from pathlib import Path
 import pytest, torch
+import numpy as np
 from torch import nn
 
 from spruce_nb.core import seed_everything, save_image
@@ -164,8 +165,32 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     for i in range(2):
         for s in ('_original.png', '_counterfactual.png', '_diff.png', '.json'): assert (out / f'img{i}{s}').exists()
     assert 'flipped' in capsys.readouterr().out
-    assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2   # refuses
+    stamp = {f: f.stat().st_mtime_ns for f in out.iterdir()}
+    assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 0   # resume: nothing to do
+    assert 'nothing to do' in capsys.readouterr().out and stamp == {f: f.stat().st_mtime_ns for f in out.iterdir()}
+    other = tmp_path / 'other'; other.mkdir(); save_image(imgs[2], other / 'img0.png')                    # same name, another image
+    assert main(['explain', str(other / 'img0.png'), '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2
+    assert 'another image' in capsys.readouterr().err and stamp == {f: f.stat().st_mtime_ns for f in out.iterdir()}
+    (out / 'img1.json').unlink()                                                                           # a set without its record
+    assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2
+    assert 'no record' in capsys.readouterr().err
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti', '--overwrite']) == 0
+    inp = tmp_path / 'inp'; inp.mkdir(); save_image(imgs[0], inp / 'foo.png'); save_image(imgs[1], inp / 'foo_original.png')
+    before = (inp / 'foo_original.png').read_bytes()
+    assert main(['explain', str(inp / 'foo.png'), str(inp / 'foo_original.png'), '--model-dir', str(md), '--out', str(inp), '--no-pti', '--overwrite']) == 2
+    assert 'input file' in capsys.readouterr().err and (inp / 'foo_original.png').read_bytes() == before
+    from PIL import Image
+    a = np.zeros((64, 64), np.float32); a[3, 5] = np.nan
+    Image.fromarray(a, mode='F').save(tmp_path / 'nan.tif')
+    assert main(['explain', str(tmp_path / 'nan.tif'), '--model-dir', str(md), '--out', str(tmp_path / 'o2'), '--no-pti']) == 2
+    assert 'nan.tif' in capsys.readouterr().err and not (tmp_path / 'o2').exists()
+    save_image(torch.zeros(3, 4, 4), tmp_path / 'tiny.png')
+    assert main(['explain', str(tmp_path / 'tiny.png'), '--model-dir', str(md), '--out', str(tmp_path / 'o3'), '--no-pti']) == 2
+    assert 'too small' in capsys.readouterr().err
+    src = int(clf(imgs[:1]).argmax())
+    assert main(['explain', *files, '--model-dir', str(md), '--out', str(tmp_path / 'o4'), '--no-pti', '--target', clf.classes[src]]) == 2
+    err = capsys.readouterr().err
+    assert 'already predicted' in err and 'img0.png' in err and not (tmp_path / 'o4').exists()
     assert main(['explain', str(tmp_path / 'nope.png'), '--model-dir', str(md), '--out', str(out)]) == 2
     bad = tmp_path / 'bad'
     for flags in (['--steps', '0'], ['--lambda-perc', 'nan'], ['--lambda-image', '-1'], ['--batch-size', '0'], ['--pti-lr', '0'],
@@ -181,7 +206,7 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     from PIL import Image
     for i in range(2):
         with Image.open(anim / f'img{i}_path.gif') as g: assert g.n_frames == 4 and g.is_animated   # steps 0..3
-    assert main(['explain', *files, '--model-dir', str(tmp_path), '--out', str(out)]) == 2             # missing models
+    assert main(['explain', *files, '--model-dir', str(tmp_path), '--out', str(tmp_path / 'o5')]) == 2  # missing models
 
 def test_inversion_is_reusable_across_classifiers(parts):
     "The inversion (pivots, tuned generators) does not depend on the classifier: explain() can reuse it."
