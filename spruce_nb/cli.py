@@ -8,7 +8,7 @@ import sys, argparse, importlib, importlib.util, platform
 from .core import CLICommand, __version__
 
 # %% auto #0
-__all__ = ['CLI_MODULES', 'build_parser', 'main']
+__all__ = ['CLI_MODULES', 'OPTIONAL_PACKAGES', 'doctor_report', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #8608c616
 #: Modules that may declare `cli_commands`, in the order their commands are listed.
@@ -31,17 +31,72 @@ def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, 
 # %% ../nbs/90_cli.ipynb #60c86a5b
 def _doctor_args(p): pass
 
-def _doctor(args) -> int:
+#: Optional packages: import name -> what spruce_nb uses it for.
+OPTIONAL_PACKAGES = {'pydicom': 'reading DICOM files (load_image, folder datasets)', 'nilearn': "the MNI152 template of the 'mri-anatomy' phantoms",
+                     'diffusers': 'the DDPM of the ACE peer method', 'ipywidgets': 'the interactive explorer in Jupyter',
+                     'torch_fidelity': 'parity checks of FID/KID (tests)'}
+
+def _check(name, level, msg): return dict(check=name, level=level, message=msg)
+
+def _device_check():
     import torch
     from spruce_nb.core import get_device
-    print(f'spruce_nb {__version__}  python {platform.python_version()}  torch {torch.__version__}')
-    print(f'device: {get_device()}  (override with SPRUCE_DEVICE)')
-    _, errors = _module_commands()
-    for k, v in errors.items(): print(f'module spruce_nb.{k} failed to import: {v}')
-    print('ok' if not errors else f'{len(errors)} module(s) failed to import')
-    return 1 if errors else 0
+    try:
+        dev = get_device()
+        a = torch.randn(8, 8, device=dev, requires_grad=True)
+        (a @ a).sum().backward()
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        ok = bool(torch.isfinite(a.grad.cpu()).all())
+        return _check('device', 'ok' if ok else 'error', f'{dev}: a matrix product and its gradient ran' if ok else f'{dev}: non-finite results')
+    except Exception as e:
+        return _check('device', 'error', f"the selected device does not work ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      "unset SPRUCE_DEVICE or set it to a device this machine has (cpu, cuda, cuda:1, mps).")
 
-_builtin = [CLICommand('doctor', 'print versions and the device, and check that every module imports', _doctor_args, _doctor)]
+def doctor_report() -> list[dict]:
+    "Every check of `spruce doctor` as {'check', 'level' ('ok'|'info'|'warning'|'error'), 'message'}."
+    import os, tempfile, importlib.metadata as md
+    rows = [_device_check()]
+    _, errors = _module_commands()
+    rows += [_check(f'module {k}', 'error', f'spruce_nb.{k} failed to import: {v}') for k, v in errors.items()]
+    if not errors: rows.append(_check('modules', 'ok', f'all {len(CLI_MODULES)} command modules import'))
+    from spruce_nb.weights import weights_dir, weights_status, WEIGHTS_ENV
+    d = weights_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d): pass
+        rows.append(_check('weights cache', 'ok', f'{d} is writable'))
+    except OSError as e:
+        rows.append(_check('weights cache', 'error', f'{d} is not writable ({e.strerror or e}); set ${WEIGHTS_ENV} to a writable folder.'))
+    for r in weights_status():
+        level = 'ok' if r['ok'] else 'warning' if r['origin'] == 'missing' else 'error'
+        msg = f"{r['origin']}: {r['note']}" if r['ok'] else (f"missing: run `{r['note']}`" if r['origin'] == 'missing' else f"does not verify: {r['note']}")
+        rows.append(_check(f"network {r['network']}", level, msg))
+    from spruce_nb.demo import zoo_manifest, check_zoo_file
+    man = zoo_manifest()
+    for entry, spec in man.items():
+        bad = [why for name in spec.get('files', {}) for ok, why in [check_zoo_file(entry, name, man)] if not ok]
+        rows.append(_check(f'zoo {entry}', 'warning' if bad else 'ok',
+                           '; '.join(bad) + ' — `spruce demo` retrains what is missing or altered (quick preset)' if bad else f"{len(spec.get('files', {}))} files verify"))
+    for mod, use in OPTIONAL_PACKAGES.items():
+        have = importlib.util.find_spec(mod) is not None
+        ver = ''
+        if have:
+            try: ver = ' ' + md.version({'torch_fidelity': 'torch-fidelity'}.get(mod, mod))
+            except md.PackageNotFoundError: pass
+        rows.append(_check(f'optional {mod}', 'info', f"{'installed' + ver if have else 'not installed'}: {use}"))
+    return rows
+
+def _doctor(args) -> int:
+    import torch
+    print(f'spruce_nb {__version__}  python {platform.python_version()}  torch {torch.__version__}')
+    rows = doctor_report()
+    mark = dict(ok='ok  ', info='·   ', warning='WARN', error='FAIL')
+    for r in rows: print(f"{mark[r['level']]}  {r['check']:<24} {r['message']}")
+    n_err, n_warn = sum(r['level'] == 'error' for r in rows), sum(r['level'] == 'warning' for r in rows)
+    print('ok' if not n_err and not n_warn else f'{n_err} error(s), {n_warn} warning(s)')
+    return 1 if n_err else 0
+
+_builtin = [CLICommand('doctor', 'check the installation for real: device, modules, caches, pretrained weights, model zoo, optional packages', _doctor_args, _doctor)]
 
 def build_parser() -> argparse.ArgumentParser:
     "The `spruce` argument parser with every available sub-command."
