@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import Config, CLICommand, atomic_write, seed_everything
-from .evaluate import (EvaluationConfig, evaluate_counterfactuals, markdown_table, _write_csv, THESIS_COLUMNS, DEFAULT_DATA)
+from .evaluate import (EvaluationConfig, evaluate_counterfactuals, markdown_table, _write_csv, THESIS_COLUMNS, FIELD_COLUMNS, DEFAULT_DATA)
 
 # %% auto #0
 __all__ = ['THESIS_EPSILONS', 'THESIS_LAMBDAS', 'BASELINE_LAMBDAS', 'AMPLIFIED_LAMBDAS', 'SWEEP_GT_COLUMNS', 'cli_commands',
@@ -94,7 +94,8 @@ def run_sweep(model_dir,                      # model directory: generator.pt, e
         _write_csv(out / 'sweep.csv', rows)
         md_text = (f"Features of the set-level columns (all rows): **{rows[0]['extractor']}**\n\n"
                    f"LPIPS trunk (all rows): {rows[0]['lpips_trunk']}" + (f" (sha256 {rows[0]['lpips_trunk_sha256'][:12]}…)" if rows[0]['lpips_trunk_sha256'] else '') + "\n\n## Thesis columns\n\n" + markdown_table(rows, THESIS_COLUMNS)
-                   + "\n\n## Ground truth (phantoms)\n\n" + markdown_table(rows, SWEEP_GT_COLUMNS) + '\n')
+                   + "\n\n## Ground truth (phantoms)\n\n" + markdown_table(rows, SWEEP_GT_COLUMNS)
+                   + "\n\n## The field's protocol (DiME, ACE)\n\n" + markdown_table(rows, FIELD_COLUMNS) + '\n')
         with atomic_write(out / 'sweep.md', overwrite=True, mode='w') as f: f.write(md_text)
     return rows
 

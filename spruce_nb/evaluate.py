@@ -18,9 +18,10 @@ from .core import (CLICommand, Config, atomic_write, get_device, progress, seed_
                             file_sha256, image_to_numpy, is_tiny, check_images)
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'EvaluationConfig',
-           'select_correctly_classified', 'summarise', 'markdown_table', 'nearest_real_l1', 'plot_evaluation_grid',
-           'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals', 'tiny_model_dir']
+__all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS', 'GT_COLUMNS', 'cli_commands',
+           'EvaluationConfig', 'select_correctly_classified', 'summarise', 'markdown_table', 'nearest_real_l1',
+           'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals',
+           'export_dime_layout', 'tiny_model_dir']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -105,9 +106,10 @@ def _is_phantom(ds) -> bool:
     return all(hasattr(ds, a) for a in ('seeds', 'modality', 'markers', 'causal_names'))
 
 @torch.no_grad()
-def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, oracle, cfg: EvaluationConfig, keep_images: int) -> dict:
+def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, oracle, cfg: EvaluationConfig, keep_images: int,
+                 diversity_seeds: int = 0, seed: int = 0) -> dict:
     from spruce_nb.metrics import (l1_per_pixel, mse, lpips, concentration, target_confidence, edit_metrics, path_position,
-                                   phantom_cf_path, oracle_change)
+                                   phantom_cf_path, oracle_change, cout, sigma_l, oracle_attributes, target_variables)
     x = _items(ds, idx)
     with torch.enable_grad(): ex = spruce.explain(x, target=tgt, show_progress=False)
     orig, rec, cf = ex.original.float(), ex.reconstruction.float(), ex.counterfactual.float()
@@ -116,7 +118,17 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
     logits = clf(cf.to(spruce.device)).float().cpu()
     conf, pred = target_confidence(logits, ti), logits.argmax(-1)
     cols = dict(l1=l1_per_pixel(orig, cf), mse=mse(orig, cf), lpips=lpips(orig, cf).float().cpu(), concentration=concentration(orig, cf),
-                recon_mse=mse(orig, rec), recon_lpips=lpips(orig, rec).float().cpu())
+                recon_mse=mse(orig, rec), recon_lpips=lpips(orig, rec).float().cpu(),
+                cout=cout(clf, orig, cf, ti, spruce.classes.index(src)))        # ACE: originals → counterfactuals, correctly classified images
+    if diversity_seeds >= 2:                                                    # σ_L: the same images explained again with other seeds
+        cfs = [cf]
+        for k in range(1, diversity_seeds):
+            seed_everything(seed + 7919 * k)
+            with torch.enable_grad(): cfs.append(spruce.explain(x, target=tgt, show_progress=False).counterfactual.float())
+        cols['sigma_l'] = sigma_l(cfs)
+    feats = {f'{k}|{e.key}': e(v).float().cpu() for k, v in dict(counterfactual=cf, reconstruction=rec, original=orig).items() for e in extractors}
+    if 'original|effnet' in feats:                                              # S³-style closeness on the ImageNet EfficientNet embedding
+        cols['s3_effnet'] = F.cosine_similarity(feats['original|effnet'].double(), feats['counterfactual|effnet'].double(), dim=1).float()
     cross = ex.crossing_step
     gt_imgs = {}
     if _is_phantom(ds):
@@ -132,6 +144,14 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
                 cols[f'oracle_d_{name}'] = d['delta']
             read = oracle.predict_class(cf) if hasattr(oracle, 'predict_class') else None
             if read is not None: cols['oracle_flip'] = torch.tensor([float(r == tgt) for r in read])
+            if getattr(oracle, 'nuisance_names', None):                         # MNAC, identity (FVA analogue), CD's changes: original → CF
+                a = oracle_attributes(oracle, orig, cf, modality=ds.modality)
+                judged = set(oracle.causal_names) | set(oracle.identity_names)
+                other = [j for j, k in enumerate(a['names']) if k in judged and k not in target_variables(ds.modality, src, tgt)]
+                ident = [j for j, k in enumerate(a['names']) if k in oracle.identity_names]
+                cols['mnac'] = a['changed'][:, other].sum(1).float()
+                cols['identity_preserved'] = (~a['changed'][:, ident].any(1)).float()
+                feats['oracle_changes'] = (a['delta'] * a['changed']).float()   # for CD at the end (0 where within tolerance)
         for j, name in enumerate(ds.causal_names):
             cols[f'true_d_{name}'] = (gt['cf_causal'][:, j] - gt['causal'][:, j]).float()
         gt_imgs = dict(true_counterfactual=_u8(gt['counterfactuals'][:keep_images]), mask=gt['masks'][:keep_images].clone())
@@ -142,7 +162,6 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
         if _is_phantom(ds): r['seed'] = int(ds.seeds[j])
         r.update({k: float(v[i]) for k, v in cols.items()})
         rows.append(r)
-    feats = {f'{k}|{e.key}': e(v).float().cpu() for k, v in dict(counterfactual=cf, reconstruction=rec, original=orig).items() for e in extractors}
     imgs = dict(original=_u8(orig[:keep_images]), reconstruction=_u8(rec[:keep_images]), counterfactual=_u8(cf[:keep_images]), **gt_imgs)
     return dict(indices=[int(j) for j in idx], rows=rows, features=feats, images=imgs)
 
@@ -153,15 +172,28 @@ REALISM_COLUMNS = [('fid', 'FID ↓'), ('kid', 'KID ↓'), ('cmmd', 'CMMD ↓'),
 THESIS_COLUMNS = REALISM_COLUMNS + [('flip_ratio', 'Flip ratio ↑'), ('l1', 'L1 ↓'), ('confidence', 'Confidence ↑')]
 EXTRA_COLUMNS = [('mse', 'MSE ↓'), ('lpips', 'LPIPS ↓'), ('concentration', 'Concentration ↓'), ('recon_mse', 'Inversion MSE ↓'),
                  ('l1_nearest_target', 'L1 to nearest real target'), ('below_nearest', 'L1 < nearest ↑')]
+#: the field's protocol (DiME, ACE; 11_metrics §7): COUT, sFID, S³-style closeness, σ_L, and the oracle's MNAC, CD, identity, flip
+FIELD_COLUMNS = [('cout', 'COUT ↑'), ('sfid', 'sFID ↓'), ('s3_effnet', 'S³-style (EffNet) ↑'), ('sigma_l', 'σ_L'), ('mnac', 'MNAC ↓'),
+                 ('cd', 'CD ↓'), ('identity_preserved', 'Identity kept ↑'), ('oracle_flip', 'Oracle flip ↑')]
+_PCT = ('flip_ratio', 'oracle_flip', 'identity_preserved', 'below_nearest')
 GT_COLUMNS = [('edit_err', 'Edit error ↓'), ('in_mask', 'In-mask energy ↑'), ('edit_cos', 'Edit cosine ↑'), ('leak', 'Leakage ↓'),
               ('t_star', 't* (→1)'), ('path_residual', 'Path residual ↓'), ('oracle_flip', 'Oracle flip ↑')]
 
+def _vals(rows, k):
+    return [r[k] for r in rows if k in r and r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+
 def _mean(rows, k):
-    v = [r[k] for r in rows if k in r and r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+    v = _vals(rows, k)
     return float(np.mean(v)) if v else float('nan')
 
-def summarise(rows: list, feats: dict, real_feats: dict, extractors: list, label: str = 'SPRUCE', unbiased: bool = False) -> list[dict]:
-    "Table rows: the counterfactuals (all columns) and the reconstruction / original reference rows (the set-level realism columns)."
+def _ci95(rows, k):
+    "Half-width of the normal-approximation 95 % interval of the mean, 1.96·s/√n (as tools/collect_eval.py)."
+    v = _vals(rows, k)
+    return float(1.96 * np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) >= 2 else float('nan')
+
+def summarise(rows: list, feats: dict, real_feats: dict, extractors: list, label: str = 'SPRUCE', unbiased: bool = False,
+              extra: dict | None = None) -> list[dict]:
+    "Table rows: the counterfactuals (all columns, means and `<column>_ci95`, plus `extra` set-level values) and the reconstruction / original reference rows."
     def setlevel(kind):
         out = {}
         for e in extractors:
@@ -172,6 +204,9 @@ def summarise(rows: list, feats: dict, real_feats: dict, extractors: list, label
     main = dict(row=f'{label}: counterfactuals', n=len(rows), **setlevel('counterfactual'), flip_ratio=_mean(rows, 'flipped'))
     keys = [k for k in rows[0] if k not in ('index', 'source', 'target', 'prediction', 'flipped', 'status', 'seed', 'crossing_step')]
     main.update({k: _mean(rows, k) for k in keys})
+    main.update({f'{k}_ci95': _ci95(rows, k) for k in ['flipped'] + keys})
+    main['flip_ratio_ci95'] = main.pop('flipped_ci95')
+    main.update(extra or {})
     crossed = [r['crossing_step'] for r in rows if r['crossing_step'] >= 0]
     main['crossing_step'] = float(np.mean(crossed)) if crossed else float('nan')
     out.append(main)
@@ -186,10 +221,13 @@ def _fmt(v, pct=False):
     return f'{v:.4g}' if abs(v) >= 1e-3 or v == 0 else f'{v:.2e}'
 
 def markdown_table(summary: list[dict], columns: Sequence[tuple]) -> str:
-    "A Markdown table of `summary` rows with (key, header) `columns`; flip ratios as percentages, absent values as –."
+    "A Markdown table of `summary` rows with (key, header) `columns`: mean ± 95 % interval where the row has `<key>_ci95`, rates as percentages, absent values as –."
     cols = [(k, h) for k, h in columns if any(k in r for r in summary)]
     lines = ['| | ' + ' | '.join(h for _, h in cols) + ' |', '|---|' + '---:|' * len(cols)]
-    for r in summary: lines.append(f"| {r['row']} | " + ' | '.join(_fmt(r.get(k), pct=k in ('flip_ratio', 'oracle_flip')) for k, _ in cols) + ' |')
+    def cell(r, k):
+        v, ci = _fmt(r.get(k), pct=k in _PCT), r.get(f'{k}_ci95')
+        return v if v == '–' or ci is None or (isinstance(ci, float) and math.isnan(ci)) else f'{v} ± {_fmt(ci, pct=k in _PCT)}'
+    for r in summary: lines.append(f"| {r['row']} | " + ' | '.join(cell(r, k) for k, _ in cols) + ' |')
     return '\n'.join(lines)
 
 def _write_csv(path, rows: list[dict]):
@@ -372,6 +410,20 @@ def _grow_run(out: Path, fp: dict, sel: dict, old_n: int, batch_size: int):
     print(f"{out}: extending the evaluation from N = {old_n} to N = {len(sel['indices'])} ({keep} finished batch(es) kept; "
           "the table is rewritten when all images are done).")
 
+def _field_set_level(rows, feats, ds, orc, cfg, names) -> dict:
+    "sFID (FID-Inception features, originals vs flipped counterfactuals) and CD (oracle changes vs the phantom population), where the run has them."
+    from spruce_nb.metrics import sfid_from_features, cd_from_changes, population_variables, target_variables
+    out = {}
+    if 'original|inception' in feats:
+        try: out['sfid'] = sfid_from_features(feats['original|inception'], feats['counterfactual|inception'],
+                                              keep=torch.tensor([bool(r['flipped']) for r in rows]), seed=cfg.seed)['sfid']
+        except ValueError as e: warnings.warn(f"sFID left out: {e}")
+    if 'oracle_changes' in feats and len(rows) >= 3:
+        q = target_variables(ds.modality, cfg.source_class, cfg.target_class)[0]
+        pop = population_variables(ds.modality, classes=names, n=cfg.oracle_n, size=ds.size, seed=cfg.data_seed + 2)
+        out['cd'] = cd_from_changes(orc.names, feats['oracle_changes'], q, pop, judged=list(orc.causal_names) + list(orc.identity_names))['cd']
+    return out
+
 def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterfactual.Spruce` explainer
                              data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
                              source_class: str = 'cardiomegaly', # c: class explained (its correctly classified images)
@@ -390,6 +442,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
                              command: str | None = None, # the command line, recorded in the report
                              show_progress: bool = True,
                              nearest_split: str | None = 'train', # split whose target-class images give the nearest-real L1 baseline (None: skip)
+                             layout: str | None = None,  # 'dime': also write the DiME/ACE output layout into out_dir/dime (every image kept)
+                             diversity_seeds: int = 0,   # K ≥ 2: explain every batch with K seeds and report σ_L (K times the cost)
                             ) -> EvaluationResult:
     "Explain N correctly classified held-out source images, score them, and write the thesis' table (CSV, Markdown), a figure and a JSON report; resumable."
     from spruce_nb.data import dataset_from_spec
@@ -398,6 +452,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     cfg = config or EvaluationConfig(source_class=source_class, target_class=target_class, n=n, batch_size=batch_size, seed=seed,
                                      data=data if isinstance(data, str) else repr(data))
     if not isinstance(data, str) and cfg.data != repr(data): cfg = cfg.replace(data=repr(data))
+    if layout not in (None, 'dime'): raise ValueError(f"layout {layout!r}: the only output layout besides ours is 'dime' (DiME/ACE's Original/ + Results/).")
+    if diversity_seeds == 1 or diversity_seeds < 0: raise ValueError(f"diversity_seeds={diversity_seeds}: σ_L needs at least 2 seeds per image (0 switches it off).")
     ds = dataset_from_spec(data, split=cfg.split, size=spruce.resolution, n=cfg.data_n, seed=cfg.data_seed) if isinstance(data, str) else data
     names = _class_names(ds, spruce)
     for c in (cfg.source_class, cfg.target_class):
@@ -406,7 +462,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     out = Path(out_dir)
     if overwrite:
         for name in _OUTPUTS: (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / 'batches', ignore_errors=True)
+        shutil.rmtree(out / 'batches', ignore_errors=True); shutil.rmtree(out / 'dime', ignore_errors=True)
     (out / 'batches').mkdir(parents=True, exist_ok=True)
     exts = realism_extractors(spruce, extractor)
     ext_names = [e.name for e in exts]
@@ -414,6 +470,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     fp = dict(protocol=cfg.to_dict(), counterfactual=spruce.config.to_dict(), use_pti=bool(spruce.use_pti),
               pti_config=_plain(spruce.pti_config), scale_lambdas=bool(spruce.scale_lambdas), models=_model_identity(spruce),
               extractor=' + '.join(ext_names), lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
+    if layout: fp['layout'] = layout                       # recorded only when used: runs made before these options still resume
+    if diversity_seeds: fp['diversity_seeds'] = int(diversity_seeds)
     fpf = out / 'fingerprint.json'
     if fpf.exists():
         old = json.loads(fpf.read_text())
@@ -439,7 +497,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
         if max_batches is not None and len(computed) >= max_batches: break
         seed_everything(cfg.seed * 100003 + b)
         d = _score_batch(spruce, ds, idx[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.source_class, cfg.target_class, exts, orc, cfg,
-                         keep_images=max(0, cfg.n_figure - b * cfg.batch_size))
+                         keep_images=cfg.batch_size if layout else max(0, cfg.n_figure - b * cfg.batch_size),
+                         diversity_seeds=diversity_seeds, seed=cfg.seed * 100003 + b)
         d['batch'] = b
         with atomic_write(bf, overwrite=True) as f: torch.save(d, f)
         computed.append(b)
@@ -452,7 +511,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     real = {e.key: torch.cat([e(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1) for e in exts}
     if isinstance(data, str) and nearest_split:   # L1 baseline: nearest real target-class image of the training split
         _add_nearest_l1(rows, ds, dataset_from_spec(data, split=nearest_split, size=spruce.resolution, seed=cfg.data_seed), names.index(cfg.target_class))
-    summary = summarise(rows, feats, real, exts, label=label, unbiased=cfg.cmmd_unbiased)
+    summary = summarise(rows, feats, real, exts, label=label, unbiased=cfg.cmmd_unbiased, extra=_field_set_level(rows, feats, ds, orc, cfg, names))
     gt = _is_phantom(ds)
     causal = list(getattr(ds, 'causal_names', ()))
     gt_cols = GT_COLUMNS + [(f'oracle_d_{c}', f'Δ{c} oracle') for c in causal] + [(f'true_d_{c}', f'Δ{c} true') for c in causal]
@@ -465,6 +524,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
           f"λ_image = {spruce.config.lambda_image:g} (scaled to {spruce.resolution} px: {spruce.scale_lambdas}), PTI: {spruce.use_pti}"]
     if command: md.append(f"- command: `{command}`")
     md += ['', '## Thesis columns (Tables 6.8–6.11)', '', markdown_table(summary, THESIS_COLUMNS), '',
+           "## The field's protocol (DiME, ACE)", '', markdown_table(summary[:1], FIELD_COLUMNS), '',
            '## Further per-image metrics (means)', '', markdown_table(summary[:1], EXTRA_COLUMNS + [('crossing_step', 'Crossing step')])]
     if gt: md += ['', '## Ground truth (phantoms)', '', markdown_table(summary[:1], gt_cols)]
     md_text = '\n'.join(md) + '\n'
@@ -484,7 +544,44 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
                                 platform=platform.platform()),
                   device=str(spruce.device), command=command, seconds_this_call=round(time.time() - t0, 2), batches_computed_this_call=computed)
     with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: json.dump(_plain(report), f, indent=1)
+    if layout == 'dime': export_dime_layout(out)
     return EvaluationResult(out, True, rows, summary, report, computed, md_text)
+
+# %% ../nbs/11a_evaluate.ipynb #e6f78e1d
+def export_dime_layout(run_dir,                  # a finished `evaluate_counterfactuals` run made with layout='dime'
+                       dest=None,                # default: run_dir/dime
+                       exp_name: str | None = None, # default: the run's label
+                      ) -> Path:
+    "Write a finished run in DiME/ACE's output layout (Original/…, Results/EXP/{CC,IC}/{CCF,ICF}/{CF,Info,Noise,SM}), so their compute_*.py scripts read it."
+    import re
+    from PIL import Image
+    run = Path(run_dir)
+    if not (run / 'report.json').exists(): raise FileNotFoundError(f"{run}: not a finished evaluation (no report.json); finish it with the same command first.")
+    rows, _, imgs = _load_batches(run, None)
+    if len(imgs.get('counterfactual', ())) != len(rows):
+        raise ValueError(f"{run}: its batches keep only the figure's images; run the evaluation with layout='dime' (`--layout dime`, into a new --out) to keep all of them.")
+    fp = json.loads((run / 'fingerprint.json').read_text())
+    classes = list(fp['models']['classes'])
+    exp = exp_name or re.sub(r'[^A-Za-z0-9_-]', '_', fp.get('label') or 'SPRUCE')
+    dest = Path(dest) if dest is not None else run / 'dime'
+    for d in ('Correct', 'Incorrect'): (dest / 'Original' / d).mkdir(parents=True, exist_ok=True)
+    for cl in ('CC', 'IC'):
+        for cf in ('CCF', 'ICF'):
+            for sub in ('CF', 'Noise', 'Info', 'SM'): (dest / 'Results' / exp / cl / cf / sub).mkdir(parents=True, exist_ok=True)
+    for r, o, c in zip(rows, imgs['original'], imgs['counterfactual']):
+        name = f"{int(r['index'])}".zfill(7)
+        label = pred = classes.index(r['source'])                 # the harness explains correctly classified images only
+        target, pred_cf = classes.index(r['target']), classes.index(r['prediction'])
+        folder = dest / 'Results' / exp / ('CC' if label == pred else 'IC') / ('CCF' if target == pred_cf else 'ICF')
+        o8, c8 = o.permute(1, 2, 0).numpy(), c.permute(1, 2, 0).numpy()
+        Image.fromarray(o8).save(dest / 'Original' / ('Correct' if label == pred else 'Incorrect') / f'{name}.png')
+        Image.fromarray(c8).save(folder / 'CF' / f'{name}.png')
+        l0 = np.abs(o8.astype('float') - c8.astype('float')).sum(2, keepdims=True)
+        l0 = 255 * l0 / max(l0.max(), 1e-12)
+        Image.fromarray(np.concatenate([l0] * o8.shape[2], axis=2).astype('uint8')).save(folder / 'SM' / f'{name}.png')
+        d = np.abs(o8.astype('float') - c8.astype('float')) / 255
+        (folder / 'Info' / f'{name}.txt').write_text(f'label: {label}\npred: {pred}\ntarget: {target}\ncf pred: {pred_cf}\nl_inf: {d.max()}\nl_1: {d.mean()}')
+    return dest
 
 # %% ../nbs/11a_evaluate.ipynb #005af99d
 def tiny_model_dir(path,                     # directory to write classifier.pt, generator.pt, encoder.pt, gmms.pt into
@@ -547,6 +644,8 @@ def _evaluate_args(p):
     p.add_argument('--label', default='SPRUCE', help='name of the method row in the table')
     p.add_argument('--max-batches', type=int, default=None, help='stop after this many new batches (continue later with the same command)')
     p.add_argument('--overwrite', action='store_true', help='discard a previous run in --out')
+    p.add_argument('--layout', default=None, choices=['dime'], help="also write the run in DiME/ACE's output layout (OUT/dime/Original, OUT/dime/Results/LABEL/...), which their compute_*.py scripts read")
+    p.add_argument('--diversity-seeds', type=int, default=0, metavar='K', help='explain every image with K >= 2 seeds and report σ_L, their mean pairwise LPIPS (K times the cost; default off)')
     p.add_argument('--device', default=None)
 
 def _evaluate_run(args) -> int:
@@ -564,7 +663,7 @@ def _evaluate_run(args) -> int:
                            seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
     cmd = 'spruce evaluate ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'evaluate' else None
     r = evaluate_counterfactuals(sp, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, label=args.label,
-                                 max_batches=args.max_batches, overwrite=args.overwrite, command=cmd)
+                                 max_batches=args.max_batches, overwrite=args.overwrite, command=cmd, layout=args.layout, diversity_seeds=args.diversity_seeds)
     if not r.complete:
         print(f"stopped after {len(r.computed_batches)} new batch(es); {len(r.rows)} of the images done. Run the same command again to continue.")
         return 0

@@ -27,7 +27,7 @@ __all__ = ['CMMD_SIGMA', 'CMMD_SCALE', 'FID_INCEPTION_FILE', 'CLIP_MEAN', 'CLIP_
            'delta_log_odds_vs_gradcam', 'dilate_mask', 'edit_metrics', 'phantom_cf_path', 'path_position',
            'oracle_change', 'cout', 'sfid_from_features', 'sfid', 'embedding_cosine', 's3_effnet', 'sigma_l',
            'target_variables', 'oracle_attributes', 'mnac', 'identity_preserved', 'oracle_flip', 'population_variables',
-           'cd']
+           'cd_from_changes', 'cd']
 
 # %% ../nbs/11_metrics.ipynb #1f54e459
 def _as_float64_2d(x, name):
@@ -630,20 +630,30 @@ def _corr(a, b):
     d = float(a.norm() * b.norm())
     return float((a * b).sum()) / d if d > 1e-12 else 0.0     # DiME/ACE: NaN (a constant column) counts as 0
 
+def cd_from_changes(names: Sequence[str],   # the variables of `changes`' columns
+                    changes,                # [N, V]: each counterfactual's change per variable, 0 where within tolerance
+                    query: str,             # the query (target) variable
+                    population: tuple,      # (names, values [M, V]) from `population_variables`
+                    judged: Sequence[str]) -> dict:
+    "CD = Σ_i |ρ(a_q, a_i) − ρ(Δ_q, Δ_i)| over `judged` variables: ρ over the population's true values, ρ̂ over the changes."
+    names, (pn, pv) = list(names), population
+    missing = [k for k in judged if k not in pn or k not in names]
+    if missing: raise ValueError(f"cd: the population or the changes lack {missing}; build the population with population_variables().")
+    if query not in judged: raise ValueError(f"cd: the query {query!r} must be one of the judged variables {list(judged)}.")
+    dv, pv = torch.as_tensor(changes).double(), torch.as_tensor(pv).double()
+    if dv.ndim != 2 or dv.shape[1] != len(names): raise ValueError(f"cd: changes of shape {tuple(dv.shape)} for {len(names)} variables.")
+    if len(dv) < 3: raise ValueError(f"cd: correlations over {len(dv)} counterfactual(s) mean nothing; give at least 3.")
+    aq, dq = pv[:, list(pn).index(query)], dv[:, names.index(query)]
+    rho = {k: _corr(aq, pv[:, list(pn).index(k)]) for k in judged}
+    rho_hat = {k: _corr(dq, dv[:, names.index(k)]) for k in judged}
+    return dict(cd=sum(abs(rho[k] - rho_hat[k]) for k in judged), rho=rho, rho_hat=rho_hat)
+
 def cd(oracle, x: torch.Tensor, x_cf: torch.Tensor, query: str,
        population: tuple,                  # (names, values [M, V]) from `population_variables`
        modality: str | None = None) -> dict:
     "Correlation difference (DiME): Σ_i |ρ(a_q, a_i) − ρ(Δ_q, Δ_i)| over the judged attributes, ρ on the population and on the oracle's changes."
     o = _fitted_oracle(oracle, modality)
     if query not in o.causal_names: raise ValueError(f"cd: query {query!r} is not a causal variable of {o.modality} ({', '.join(o.causal_names)}).")
-    pn, pv = population
-    judged = list(o.causal_names) + list(o.identity_names)
-    missing = [k for k in judged if k not in pn]
-    if missing: raise ValueError(f"cd: the population lacks {missing}; build it with population_variables({o.modality!r}).")
     r = oracle_attributes(o, x, x_cf)
-    if len(x) < 3: raise ValueError(f"cd: correlations over {len(x)} counterfactual(s) mean nothing; give at least 3.")
-    pv, dv = torch.as_tensor(pv).double(), (r['delta'] * r['changed']).double()   # changes within tolerance are oracle noise: 0
-    aq, dq = pv[:, list(pn).index(query)], dv[:, list(o.names).index(query)]
-    rho = {k: _corr(aq, pv[:, list(pn).index(k)]) for k in judged}
-    rho_hat = {k: _corr(dq, dv[:, list(o.names).index(k)]) for k in judged}
-    return dict(cd=sum(abs(rho[k] - rho_hat[k]) for k in judged), rho=rho, rho_hat=rho_hat)
+    return cd_from_changes(o.names, r['delta'] * r['changed'], query, population,   # changes within tolerance are oracle noise: 0
+                           judged=list(o.causal_names) + list(o.identity_names))

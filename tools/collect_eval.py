@@ -2,16 +2,17 @@
 
     python tools/collect_eval.py RUN_DIR [RUN_DIR ...] --out nbs/data/eval_cxr64.json
 
-Per run: the command, the set-level summary rows (every realism column the run computed: fid, kid, mmd_effnet, fd_clf, mmd_clf, or the older runs' fid/cmmd on classifier features), and for every per-image
-column its mean with a normal-approximation 95 % interval (1.96·s/√n), so two runs can be compared honestly, and the
+Per run: the command, the set-level summary rows (every realism column the run computed: fid, kid, mmd_effnet, fd_clf, mmd_clf, or the older runs' fid/cmmd on classifier features; the field's sfid and cd), and for every per-image
+column (the thesis' and ground-truth columns, and the field's cout, s3_effnet, mnac, identity_preserved, sigma_l) its mean with a normal-approximation 95 % interval (1.96·s/√n), so two runs can be compared honestly, and the
 PAIRED columns of every image (keyed by dataset index), so two runs can be compared image by image.
 """
 import argparse, csv, json, math, statistics
 from pathlib import Path
 
 COLUMNS = ['flipped', 'confidence', 'l1', 'l1_nearest_target', 'below_nearest', 'lpips', 'recon_mse', 'recon_lpips', 'in_mask', 'edit_cos',
-           'leak', 'oracle_flip', 'oracle_d_ctr', 'true_d_ctr', 'crossing_step']
-SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf')   # older runs: fid/cmmd were on classifier features (see 'extractor')
+           'leak', 'oracle_flip', 'oracle_d_ctr', 'true_d_ctr', 'crossing_step',
+           'cout', 's3_effnet', 'mnac', 'identity_preserved', 'sigma_l']       # the field's protocol (DiME/ACE; 11_metrics §7)
+SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf', 'sfid', 'cd')   # older runs: fid/cmmd were on classifier features (see 'extractor')
 PAIRED = ['flipped', 'confidence', 'l1', 'in_mask', 'edit_cos']   # per image, for paired comparisons between runs
 
 
