@@ -7,8 +7,10 @@ from spruce_nb.data import (PHANTOM_CLASSES, CAUSAL_VARIABLES, make_phantoms, ph
                             label_from_causal, PhantomDataset, dataset_from_spec, phantom_task, parse_phantom_task,
                             ImageFolderDataset, MedMNISTDataset, load_image, stratified_split, write_phantom_folder, fit_oracle)
 from spruce_nb.cli import main
+from spruce_nb.anatomy import has_template
 
-MODS = list(PHANTOM_CLASSES)
+NEEDS_NILEARN = pytest.mark.skipif(not has_template(), reason="'mri-anatomy' reads the MNI ICBM152 template inside nilearn: pip install nilearn")
+MODS = [pytest.param(m, marks=NEEDS_NILEARN) if m == 'mri-anatomy' else m for m in PHANTOM_CLASSES]
 
 @pytest.mark.parametrize('mod', MODS)
 def test_determinism(mod):
@@ -189,3 +191,43 @@ def test_spurious_marker():
     assert not (r['masks'] & mm).any()
     assert torch.equal(r['counterfactuals'][:, :, mm], r['images'][:, :, mm])
     with pytest.raises(ValueError, match=r'\[-1, 1\]'): make_phantoms('cxr', 4, 32, spurious=2.0)
+
+
+@NEEDS_NILEARN
+def test_mri_anatomy_interfaces(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    cl = PHANTOM_CLASSES['mri-anatomy']
+    assert parse_phantom_task('mri-anatomy-4stage') == parse_phantom_task('mri-anatomy') == ('mri-anatomy', cl)
+    assert parse_phantom_task('mri-anatomy:moderate-vs-no_dementia') == ('mri-anatomy', ('no_dementia', 'moderate'))
+    ds = dataset_from_spec('phantoms:mri-anatomy:moderate-vs-no_dementia', split='val', size=32, n=4)
+    assert isinstance(ds, PhantomDataset) and ds.task == 'mri-anatomy:moderate-vs-no_dementia'
+    gt = ds.ground_truth(0, 'moderate')                      # item 0 is no_dementia
+    assert gt['causal']['atrophy'] <= 0.2 and gt['cf_causal']['atrophy'] >= 0.8
+    assert ((gt['counterfactual'] - gt['image']).abs().amax(0)[~gt['mask']] == 0).all() and (gt['counterfactual'] != gt['image']).any()
+    # the CLI writes the same images as make_phantoms, with the atrophy column
+    out = tmp_path / 'a'
+    assert main(['phantoms', '--modality', 'mri-anatomy', '--n', '8', '--size', '32', '--out', str(out)]) == 0
+    rows = list(csv.DictReader(open(out / 'labels.csv')))
+    back, ref = ImageFolderDataset(out), make_phantoms('mri-anatomy', 8, 32)
+    idx = [int(f.stem.split('_')[-1]) for f in back.files]
+    assert back.classes == cl and 'atrophy' in rows[0] and torch.equal(torch.stack([back[i][0] for i in range(8)]), ref.images[idx])
+    # a small classifier separates the four stages well above chance (0.25), and the oracle reads atrophy back
+    feats = lambda b: torch.nn.functional.adaptive_avg_pool2d(b.images[:, :1], 16).flatten(1).numpy()
+    tr, te = make_phantoms('mri-anatomy', 400, 64, 0, split='train'), make_phantoms('mri-anatomy', 200, 64, 0, split='test')
+    acc = LogisticRegression(C=0.05, max_iter=500).fit(feats(tr), tr.labels.numpy()).score(feats(te), te.labels.numpy())
+    assert acc > 0.4, acc
+    o = fit_oracle('mri-anatomy', n=600, n_test=200, nuisance=False)
+    assert o.error['atrophy'] < 0.15 and o.accuracy > 0.5, (o.error, o.accuracy)
+
+def test_mri_anatomy_without_nilearn(monkeypatch, tmp_path, capsys):
+    import importlib.util
+    from spruce_nb.data import phantom_modalities
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a, **k: None if name == 'nilearn' else real(name, *a, **k))
+    assert 'mri-anatomy' not in phantom_modalities() and 'mri' in phantom_modalities()
+    with pytest.raises(ModuleNotFoundError, match='pip install nilearn'): make_phantoms('mri-anatomy', 2, 32)
+    with pytest.raises(ModuleNotFoundError, match='pip install nilearn'): PhantomDataset('mri-anatomy', 2, 32)
+    with pytest.raises(ModuleNotFoundError, match='pip install nilearn'): dataset_from_spec('phantoms:mri-anatomy', n=2, size=32)
+    assert main(['phantoms', '--modality', 'mri-anatomy', '--n', '2', '--size', '32', '--out', str(tmp_path / 'x')]) == 2
+    assert 'pip install nilearn' in capsys.readouterr().err and not (tmp_path / 'x').exists()
+    make_phantoms('mri', 2, 32)                               # the other modalities do not need it
