@@ -525,7 +525,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     if command: md.append(f"- command: `{command}`")
     md += ['', '## Thesis columns (Tables 6.8–6.11)', '', markdown_table(summary, THESIS_COLUMNS), '',
            "## The field's protocol (DiME, ACE)", '', markdown_table(summary[:1], FIELD_COLUMNS), '',
-           '## Further per-image metrics (means)', '', markdown_table(summary[:1], EXTRA_COLUMNS + [('crossing_step', 'Crossing step')])]
+           '## Further per-image metrics (means ± 95 % intervals)', '', markdown_table(summary[:1], EXTRA_COLUMNS + [('crossing_step', 'Crossing step')])]
     if gt: md += ['', '## Ground truth (phantoms)', '', markdown_table(summary[:1], gt_cols)]
     md_text = '\n'.join(md) + '\n'
     _write_csv(out / 'per_image.csv', rows)

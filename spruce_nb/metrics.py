@@ -488,6 +488,7 @@ def cout(classifier,                 # images [N,3,H,W] in [-1,1] -> logits [N,C
          steps: int = COUT_STEPS,    # ACE: step = max(1, HW // 50) pixels
          batch_size: int = 64,       # images per forward pass
          return_curves: bool = False,
+         mask: torch.Tensor | None = None, # the ordering map [N,H,W] (default: ACE's |x'−x| summed over channels, on [0,1])
         ):
     "COUT per image [N] (ACE/C3LT counterfactual transition): AUC of p_target minus AUC of p_source as x' pixels replace x in order of |x'−x|."
     x, x_cf = check_images(x, name='x'), check_images(x_cf, name='x_cf')
@@ -495,6 +496,8 @@ def cout(classifier,                 # images [N,3,H,W] in [-1,1] -> logits [N,C
     N, C, H, W = x.shape
     dev = next(classifier.parameters()).device if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()) else x.device
     if not binary and target is None: raise ValueError("cout: give the target class (int or one per image), or binary=True for a single-logit classifier.")
+    if mask is not None and (torch.as_tensor(mask).shape[0] != N or torch.as_tensor(mask)[0].numel() != H * W):
+        raise ValueError(f"cout: mask of shape {tuple(torch.as_tensor(mask).shape)}; give one [H, W] map per image ({N}, {H}, {W}).")
     step = max(1, (H * W) // steps)
     scores, curves = [], []
     for i in range(0, N, batch_size):
@@ -504,7 +507,8 @@ def cout(classifier,                 # images [N,3,H,W] in [-1,1] -> logits [N,C
         else:
             src = (_logits_of(classifier, xb).argmax(1) if source is None else _target(source, N, dev)[i:i + n]).long()
             tgt = _target(target, N, dev)[i:i + n].long()
-        order = torch.argsort(_cout_mask(xb, cb), dim=1, descending=True)
+        mb = _cout_mask(xb, cb) if mask is None else torch.as_tensor(mask)[i:i + batch_size].to(dev).float().reshape(n, -1)
+        order = torch.argsort(mb, dim=1, descending=True)
         cur = torch.zeros(n, H * W, device=dev)
         c, c2 = _class_probs(classifier, xb, src, tgt, binary)
         cs, c2s = [c], [c2]
