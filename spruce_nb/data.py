@@ -921,7 +921,7 @@ def _phantoms_run(args):
     print(f"wrote {args.n} {args.modality} phantoms ({args.size}px) to {out} (labels.csv, classes.txt)")
     return 0
 
-cli_commands = [CLICommand('phantoms', 'write synthetic medical phantoms (cxr/oct/mri) as an ImageFolder tree with labels and causal variables',
+cli_commands = [CLICommand('phantoms', 'write synthetic medical phantoms (cxr/oct/mri/mri-anatomy) as an ImageFolder tree with labels and causal variables',
                            _phantoms_args, _phantoms_run)]
 
 # %% ../nbs/02_data.ipynb #168b8d22
