@@ -109,7 +109,8 @@ def _is_phantom(ds) -> bool:
 def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, oracle, cfg: EvaluationConfig, keep_images: int,
                  diversity_seeds: int = 0, seed: int = 0) -> dict:
     from spruce_nb.metrics import (l1_per_pixel, mse, lpips, concentration, target_confidence, edit_metrics, path_position,
-                                   phantom_cf_path, oracle_change, cout, sigma_l, oracle_attributes, target_variables)
+                                   phantom_cf_path, oracle_change, cout, sigma_l, oracle_attributes, target_variables,
+                                   mnac, identity_preserved)
     x = _items(ds, idx)
     with torch.enable_grad(): ex = spruce.explain(x, target=tgt, show_progress=False)
     orig, rec, cf = ex.original.float(), ex.reconstruction.float(), ex.counterfactual.float()
@@ -145,12 +146,9 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
             read = oracle.predict_class(cf) if hasattr(oracle, 'predict_class') else None
             if read is not None: cols['oracle_flip'] = torch.tensor([float(r == tgt) for r in read])
             if getattr(oracle, 'nuisance_names', None):                         # MNAC, identity (FVA analogue), CD's changes: original → CF
+                cols['mnac'] = mnac(oracle, orig, cf, target_variables(ds.modality, src, tgt), modality=ds.modality)
+                cols['identity_preserved'] = identity_preserved(oracle, orig, cf, modality=ds.modality)
                 a = oracle_attributes(oracle, orig, cf, modality=ds.modality)
-                judged = set(oracle.causal_names) | set(oracle.identity_names)
-                other = [j for j, k in enumerate(a['names']) if k in judged and k not in target_variables(ds.modality, src, tgt)]
-                ident = [j for j, k in enumerate(a['names']) if k in oracle.identity_names]
-                cols['mnac'] = a['changed'][:, other].sum(1).float()
-                cols['identity_preserved'] = (~a['changed'][:, ident].any(1)).float()
                 feats['oracle_changes'] = (a['delta'] * a['changed']).float()   # for CD at the end (0 where within tolerance)
         for j, name in enumerate(ds.causal_names):
             cols[f'true_d_{name}'] = (gt['cf_causal'][:, j] - gt['causal'][:, j]).float()
