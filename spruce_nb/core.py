@@ -15,8 +15,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'to_unit', 'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config',
-           'atomic_write', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError', 'Checkpoint',
-           'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand', 'add_data_args']
+           'current_umask', 'atomic_write', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError',
+           'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand',
+           'add_data_args']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -124,6 +125,11 @@ def _json_default(o):
     raise TypeError(f'Object of type {type(o).__name__} is not JSON serialisable')
 
 # %% ../nbs/00_core.ipynb #be0f4e3e
+def current_umask() -> int:
+    "The process umask (read without changing it for longer than a call)."
+    m = os.umask(0o022); os.umask(m)
+    return m
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path,        # Destination file
                  overwrite: bool = False,  # Replace an existing file?
@@ -139,6 +145,7 @@ def atomic_write(path: str | Path,        # Destination file
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; the result gets the permissions any new file would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
