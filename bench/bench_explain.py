@@ -11,7 +11,7 @@ Every chunk's quality columns are kept, so the run also answers whether the fast
 `previous` is the default path the speed issue measured (PTI 350 steps on LPIPS-VGG, the objective on LPIPS-VGG, T = 200),
 run with today's code (so it also gets the bit-identical savings, e.g. cached target LPIPS features: the ratio is conservative).
 `new` is `Spruce.from_dir` with no overrides: today's defaults. Results per chunk go to `--out` (resumable: a finished chunk
-is read back, not recomputed; `--retime` re-measures the timing chunks only). Speed never goes in a unit test; this is the place.
+is read back, not recomputed; `--retime K` then times K fresh interleaved repeats of the first chunk per path and reports those only). Speed never goes in a unit test; this is the place.
 
     OMP_NUM_THREADS=1 python bench/bench_explain.py --n 32 --chunk 8 --out bench_out/explain
 """
@@ -78,9 +78,10 @@ def main():
     ap.add_argument('--chunk', type=int, default=8, help='images per explain call (default 8, the batch the issue measured)')
     ap.add_argument('--out', default='bench_out/explain', help='per-chunk results (resumable)')
     ap.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
-    ap.add_argument('--retime', type=int, default=0, help='extra interleaved timing repeats of the first chunk (per path)')
+    ap.add_argument('--retime', type=int, default=0, help='time this many interleaved repeats of the first chunk per path, and report only those (use it when chunks were read back from an earlier run)')
     ap.add_argument('--threads', type=int, default=int(os.environ.get('OMP_NUM_THREADS', 1)))
     ap.add_argument('--model-dir', default=str(ZOO_DIR / 'cxr64'))
+    ap.add_argument('--json', default=None, help='also write the summary here (e.g. nbs/data/bench_explain.json, read by 10_counterfactual)')
     a = ap.parse_args()
     if a.n < 2 or a.chunk < 1: ap.error('--n must be >= 2 and --chunk >= 1')
     torch.set_num_threads(a.threads)
@@ -99,6 +100,7 @@ def main():
                 print(f'  {p:>8} chunk {k // a.chunk}: {dt / len(ex):.2f} s per counterfactual', flush=True)
             res[p].append(r)
     times = {p: [r['seconds'] / r['images'] for r in res[p]] for p in a.paths}
+    if a.retime: times = {p: [] for p in a.paths}    # chunks read back from earlier runs were not interleaved: time afresh, side by side
     for rep in range(a.retime):
         for p in a.paths:
             dt, ex = run_chunk(p, x[:a.chunk], a.model_dir); times[p].append(dt / len(ex))
@@ -107,16 +109,22 @@ def main():
     for p in a.paths: print(f'{p:>9} {statistics.median(times[p]):>27.2f} {len(times[p]):>7}')
     if len(a.paths) == 2:
         print(f"speed-up new vs previous: {statistics.median(times['previous']) / statistics.median(times['new']):.1f}x")
+    summary = dict(command='python bench/bench_explain.py ' + ' '.join(__import__('sys').argv[1:]), n=a.n, chunk=a.chunk, threads=a.threads,
+                   torch=torch.__version__, cpus=os.cpu_count(), previous=PREVIOUS, paths={})
     print(f"\n{'quality (mean ± 95 % CI)':<26}" + ''.join(f'{p:>22}' for p in a.paths) + ('   new within previous CI' if len(a.paths) == 2 else ''))
     for key, label in QUALITY:
         cells, stats = '', {}
         for p in a.paths:
             v = [u for r in res[p] for u in r['quality'][key]]
             stats[p] = ci95(v); cells += f'{stats[p][0]:>13.3f} ± {stats[p][1]:<6.3f}'
+            summary['paths'].setdefault(p, dict(seconds_per_cf=statistics.median(times[p]), timed_chunks=len(times[p]), quality={}))['quality'][key] = dict(mean=stats[p][0], ci95=stats[p][1], n=len(v))
         line = f'{label:<26}{cells}'
         if len(a.paths) == 2:
             (m0, h0), (m1, _) = stats['previous'], stats['new']
             line += f"   {'yes' if abs(m1 - m0) <= h0 else 'NO'}"
         print(line)
+    if len(a.paths) == 2: summary['speedup'] = statistics.median(times['previous']) / statistics.median(times['new'])
+    if a.json:
+        with atomic_write(a.json, overwrite=True, mode='w') as fh: json.dump(summary, fh, indent=1)
 
 if __name__ == '__main__': main()
