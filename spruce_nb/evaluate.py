@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .counterfactual import explanation_options, explainer_from_args
 from .core import (CLICommand, Config, atomic_write, get_device, progress, seed_everything, state_sha256,
                             file_sha256, image_to_numpy, is_tiny, check_images)
 
@@ -632,31 +633,18 @@ def _evaluate_args(p):
     p.add_argument('--n-real', type=int, default=None, help='real target images, the reference of the set-level columns (default: all in the split)')
     p.add_argument('--extractor', nargs='+', default=['auto'], help="features of the set-level columns: 'auto' (FID-Inception → fid, kid and EfficientNet-Lite0 → mmd_effnet where `spruce weights install` put them, plus the explained classifier → fd_clf, mmd_clf), or any of 'classifier', a classifier .pt, 'inception', 'effnet', 'clip'")
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
-    p.add_argument('--steps', type=int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
-    p.add_argument('--lambda-perc', type=float, default=None); p.add_argument('--lambda-latent', type=float, default=None)
-    p.add_argument('--lambda-image', type=float, default=None)
-    p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning')
-    p.add_argument('--pti-steps', type=int, default=None, help='PTI steps per image (default: PTIConfig.steps, the reference 350)')
-    p.add_argument('--pti-lr', type=float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
-    p.add_argument('--pti-lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="PTI's LPIPS trunk (default: PTIConfig.lpips_net, the reference's 'alex')")
+    explanation_options(p)   # T, λs, LPIPS trunks, PTI, --device: the same as `spruce explain`
     p.add_argument('--label', default='SPRUCE', help='name of the method row in the table')
     p.add_argument('--max-batches', type=int, default=None, help='stop after this many new batches (continue later with the same command)')
     p.add_argument('--overwrite', action='store_true', help='discard a previous run in --out')
     p.add_argument('--layout', default=None, choices=['dime'], help="also write the run in DiME/ACE's output layout (OUT/dime/Original, OUT/dime/Results/LABEL/...), which their compute_*.py scripts read")
     p.add_argument('--diversity-seeds', type=int, default=0, metavar='K', help='explain every image with K >= 2 seeds and report σ_L, their mean pairwise LPIPS (K times the cost; default off)')
-    p.add_argument('--device', default=None)
 
 def _evaluate_run(args) -> int:
     from spruce_nb.counterfactual import Spruce
     src, sep, tgt = args.classes.partition(':')
     if not sep or not src or not tgt: raise ValueError(f"--classes {args.classes!r}: expected SOURCE:TARGET, e.g. cardiomegaly:normal.")
-    from spruce_nb.pti import PTIConfig
-    pti = {k: v for k, v in dict(steps=args.pti_steps, lr=args.pti_lr, lpips_net=args.pti_lpips_net).items() if v is not None}
-    if pti and args.no_pti: raise ValueError('--pti-steps/--pti-lr set PTI up, --no-pti switches it off: pass one or the other.')
-    sp = Spruce.from_dir(args.model_dir, device=args.device, use_pti=not args.no_pti, classifier=args.classifier, gmms=args.gmms,
-                         **({'pti_config': PTIConfig(**pti)} if pti else {}))
-    over = {k: v for k, v in dict(steps=args.steps, lambda_perc=args.lambda_perc, lambda_latent=args.lambda_latent, lambda_image=args.lambda_image).items() if v is not None}
-    if over: sp.base_config = sp.base_config.replace(**over)
+    sp = explainer_from_args(args, classifier=args.classifier, gmms=args.gmms)
     cfg = EvaluationConfig(source_class=src, target_class=tgt, n=args.n, data=args.data, split=args.split, data_n=args.data_n,
                            seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
     cmd = 'spruce evaluate ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'evaluate' else None
