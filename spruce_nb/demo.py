@@ -163,8 +163,9 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
     from spruce_nb.data import fit_oracle
     from spruce_nb.perceptual import lpips_info
     out = Path(out)
-    if (out / 'report.md').exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a demo report; pass --overwrite or choose another --out.")
+    taken = [n for n in ('report.md', 'report.json', 'report.png') if (out / n).exists()]
+    if taken and not overwrite:                    # any of the three: a report.json of another command is a user's file too
+        raise FileExistsError(f"{out / taken[0]} exists; pass --overwrite to replace the demo report, or choose another --out.")
     t0 = time.time(); seed_everything(cfg.seed)
     print(f'spruce demo: SPRUCE counterfactuals on 64-px chest phantoms (cardiomegaly → normal); output in {out}/', flush=True)
     print('[1/5] models', flush=True)
