@@ -571,10 +571,15 @@ def _eval_args(p):
     p.add_argument('--ckpt', required=True, help='classifier checkpoint (classifier.pt)')
     add_data_args(p, split='test', n_help='phantoms: number of images (default 1000)')
     p.add_argument('--out', default=None, help='directory for confusion.png and report.json')
+    p.add_argument('--overwrite', action='store_true', help='replace confusion.png / report.json already in --out (e.g. a training run\'s own)')
     p.add_argument('--device', default=None)
 
 def _eval_run(args) -> int:
     from spruce_nb.data import dataset_from_spec
+    if args.out is not None:                      # before any work: never replace a report (a training run's, a user's) silently
+        taken = [n for n in ('confusion.png', 'report.json') if (Path(args.out) / n).exists()]
+        if taken and not args.overwrite:
+            raise FileExistsError(f"{Path(args.out) / taken[0]} exists; pass --overwrite to replace it, or choose another --out.")
     clf = load_classifier(args.ckpt, device=args.device)
     ds = dataset_from_spec(args.data, split=args.split, size=clf.image_size, n=args.n)
     if tuple(_classes_of(ds)) != tuple(clf.classes):

@@ -123,5 +123,9 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert main(['evaluate-classifier', '--ckpt', str(out / 'classifier.pt'), '--n', '16', '--out', str(tmp_path / 'ev')]) == 0
     rep = json.loads((tmp_path / 'ev' / 'report.json').read_text())
     assert rep['n'] == 16 and len(rep['confusion']) == 2
+    before = (out / 'report.json').read_bytes()                             # pointed at the training run: its report is kept
+    assert main(['evaluate-classifier', '--ckpt', str(out / 'classifier.pt'), '--n', '16', '--out', str(out)]) == 2
+    assert (out / 'report.json').read_bytes() == before and 'overwrite' in capsys.readouterr().err
+    assert main(['evaluate-classifier', '--ckpt', str(out / 'classifier.pt'), '--n', '16', '--out', str(tmp_path / 'ev'), '--overwrite']) == 0
     assert main(['train-classifier', '--out', str(tmp_path / 'x'), '--trades-eps', '300']) == 2
     assert main(['evaluate-classifier', '--ckpt', str(tmp_path / 'missing.pt')]) == 2
