@@ -137,6 +137,16 @@ def test_cli_pti_flags_conflict(tmp_path, capsys):
     assert main(['evaluate', '--model-dir', str(tmp_path), '--out', str(tmp_path / 'o'), '--no-pti', '--pti-steps', '3']) == 2
     assert '--no-pti' in capsys.readouterr().err
 
+def test_cli_refuses_bad_numbers_before_writing_anything(models, capsys):
+    "Impossible settings fail before the run's fingerprint is written, so the corrected command is not blocked by it."
+    from spruce_nb.cli import main
+    root, md, oracle = models
+    for flags in (['--steps', '0'], ['--lambda-perc', 'nan'], ['--lambda-image', '-1'], ['--pti-lr', 'inf']):
+        out = root / f"refused_{flags[0].strip('-')}_{flags[1]}"
+        args = ['evaluate', '--model-dir', str(md), '--classes', 'cardiomegaly:normal', '--out', str(out), *flags]
+        assert main(args) == 2, flags
+        assert flags[0] in capsys.readouterr().err and not out.exists(), flags
+
 def test_cli_extends_a_run_to_a_larger_n(models, cli_run, capsys):
     root, md, oracle = models
     out = root / 'grown'
