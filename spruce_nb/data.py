@@ -864,6 +864,12 @@ class MedMNISTDataset(Dataset):
         return from_unit(x.clamp(0, 1)).contiguous(), int(self.labels[i])
 
 # %% ../nbs/02_data.ipynb #8ea86526
+def _pid_alive(pid: str) -> bool:
+    try: os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError): return False
+    except PermissionError: return True
+    return True
+
 def write_phantom_folder(out,                    # output folder (must be empty or absent, unless overwrite)
                          modality: str = 'cxr',
                          n: int = 2000,
@@ -884,7 +890,13 @@ def write_phantom_folder(out,                    # output folder (must be empty 
         if not (out / '.spruce_phantoms').exists():
             raise FileExistsError(f"{out} was not written by `spruce phantoms` (no .spruce_phantoms marker); refusing to delete it. Remove it yourself or choose another --out.")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f'.{out.name}.*'):                # a killed earlier run's temporary folder: ours (marker) and its process gone
+        mark = old / '.spruce_phantoms_tmp'
+        if old.is_dir() and mark.is_file() and not _pid_alive(mark.read_text().strip()): shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    from spruce_nb.core import current_umask
+    os.chmod(tmp, 0o777 & ~current_umask())                       # mkdtemp makes 0700; the result gets a new folder's permissions
+    (tmp / '.spruce_phantoms_tmp').write_text(str(os.getpid()))
     try:
         for c in classes: (tmp / c).mkdir()
         rows, names = [], CAUSAL_VARIABLES[modality]
@@ -900,6 +912,7 @@ def write_phantom_folder(out,                    # output folder (must be empty 
             w = csv.writer(f); w.writerow(['file', 'label', 'class', 'seed', *names]); w.writerows(rows)
         (tmp / 'classes.txt').write_text('\n'.join(classes) + '\n')
         (tmp / '.spruce_phantoms').write_text(json.dumps(dict(modality=modality, n=n, size=size, seed=seed, classes=list(classes), split=split)))
+        (tmp / '.spruce_phantoms_tmp').unlink()
         if out.exists(): shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:

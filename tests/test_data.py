@@ -231,3 +231,16 @@ def test_mri_anatomy_without_nilearn(monkeypatch, tmp_path, capsys):
     assert main(['phantoms', '--modality', 'mri-anatomy', '--n', '2', '--size', '32', '--out', str(tmp_path / 'x')]) == 2
     assert 'pip install nilearn' in capsys.readouterr().err and not (tmp_path / 'x').exists()
     make_phantoms('mri', 2, 32)                               # the other modalities do not need it
+
+def test_phantom_folder_cleans_a_killed_runs_temp_and_respects_umask(tmp_path):
+    "A killed `spruce phantoms` leaves `.NAME.*`; the next run removes it (its marker's process is gone). Folders follow the umask."
+    import os
+    from spruce_nb.data import write_phantom_folder
+    stale = tmp_path / '.ph.killed'; stale.mkdir(); (stale / '.spruce_phantoms_tmp').write_text('4194000')   # above Linux's pid_max
+    foreign = tmp_path / '.ph.someone'; foreign.mkdir()                                                  # no marker: not ours, kept
+    old = os.umask(0o027)
+    try: out = write_phantom_folder(tmp_path / 'ph', 'cxr', n=4, size=32)
+    finally: os.umask(old)
+    assert not stale.exists() and foreign.exists()
+    assert (out.stat().st_mode & 0o777) == 0o750 and not (out / '.spruce_phantoms_tmp').exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.ph.someone', 'ph']
