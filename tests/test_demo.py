@@ -52,3 +52,12 @@ def test_zoo_gmms_belong_to_their_classifiers():
     for g, c in pairs:
         assert c in files, f'{g} has no classifier {c} in the zoo'
         FeatureGMMs.load(ZOO_DIR / 'cxr64' / g, classifier=load_classifier(ZOO_DIR / 'cxr64' / c, device='cpu'))
+
+def test_every_zoo_command_is_declared_by_an_earlier_module():
+    "The demo runs the manifest's commands through ZOO_COMMAND_MODULES (not spruce_nb.cli, a later notebook): each must be there."
+    import importlib, shlex
+    from spruce_nb.demo import ZOO_COMMAND_MODULES
+    names = {c.name for m in ZOO_COMMAND_MODULES for c in importlib.import_module(f'spruce_nb.{m}').cli_commands}
+    for entry in zoo_manifest().values():
+        for f in entry['files'].values():
+            for k in ('command', 'quick_command'): assert shlex.split(f[k])[0] in names, f[k]
