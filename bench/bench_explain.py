@@ -15,7 +15,7 @@ is read back, not recomputed; `--retime K` then times K fresh interleaved repeat
 
     OMP_NUM_THREADS=1 python bench/bench_explain.py --n 32 --chunk 8 --out bench_out/explain
 """
-import argparse, json, math, os, statistics, tempfile, time
+import argparse, json, math, os, statistics, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -48,8 +48,10 @@ def queries(n, model_dir):
     return torch.stack([ds[i][0] for i in keep]), ds.seeds[keep]
 
 def explainer(path, model_dir):
+    "'new': today's defaults; 'previous': the pinned PREVIOUS settings; a (pti, cf) pair of overrides: those."
     if path == 'new': return Spruce.from_dir(model_dir)
-    return Spruce.from_dir(model_dir, pti_config=PTIConfig(**PREVIOUS['pti']), config=CounterfactualConfig(**PREVIOUS['cf']))
+    pti, cf = (PREVIOUS['pti'], PREVIOUS['cf']) if path == 'previous' else path
+    return Spruce.from_dir(model_dir, pti_config=PTIConfig(**pti), config=CounterfactualConfig(**cf))
 
 def run_chunk(path, x, model_dir):
     "Seconds for one `spruce explain` call's work on x (load, explain, write outputs) and the Explanation."
@@ -109,7 +111,7 @@ def main():
     for p in a.paths: print(f'{p:>9} {statistics.median(times[p]):>27.2f} {len(times[p]):>7}')
     if len(a.paths) == 2:
         print(f"speed-up new vs previous: {statistics.median(times['previous']) / statistics.median(times['new']):.1f}x")
-    summary = dict(command='python bench/bench_explain.py ' + ' '.join(__import__('sys').argv[1:]), n=a.n, chunk=a.chunk, threads=a.threads,
+    summary = dict(command='python bench/bench_explain.py ' + ' '.join(sys.argv[1:]), n=a.n, chunk=a.chunk, threads=a.threads,
                    torch=torch.__version__, cpus=os.cpu_count(), previous=PREVIOUS, paths={})
     print(f"\n{'quality (mean ± 95 % CI)':<26}" + ''.join(f'{p:>22}' for p in a.paths) + ('   new within previous CI' if len(a.paths) == 2 else ''))
     for key, label in QUALITY:

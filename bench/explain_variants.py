@@ -6,13 +6,13 @@ PTI_JSON / CF_JSON override `PTIConfig` / `CounterfactualConfig` fields, e.g. '{
 The row (means ± 95 % intervals, median seconds per counterfactual over chunks of 8) is added to the JSON file under NAME.
 Timings here are not interleaved with anything: compare speed with bench_explain.py, quality here.
 """
-import sys, json, time, statistics, argparse
+import sys, json, statistics, argparse
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_explain as B
 from spruce_nb.core import atomic_write
-from spruce_nb.counterfactual import Spruce, CounterfactualConfig
+from spruce_nb.counterfactual import CounterfactualConfig
 from spruce_nb.pti import PTIConfig
 
 def main():
@@ -25,11 +25,8 @@ def main():
     x, seeds = B.queries(a.n, B.ZOO_DIR / 'cxr64')
     res = {k: [] for k, _ in B.QUALITY}; secs = []
     for k in range(0, a.n, 8):
-        B.seed_everything(0)
-        t0 = time.perf_counter()
-        sp = Spruce.from_dir(B.ZOO_DIR / 'cxr64', pti_config=PTIConfig(**pti), config=CounterfactualConfig(**cf))
-        ex = sp.explain(x[k:k + 8], target='normal', show_progress=False)
-        secs.append((time.perf_counter() - t0) / len(ex))
+        dt, ex = B.run_chunk((pti, cf), x[k:k + 8], B.ZOO_DIR / 'cxr64')
+        secs.append(dt / len(ex))
         for kk, v in B.quality(ex, seeds[k:k + 8]).items(): res[kk] += v
     row = dict(pti=PTIConfig(**pti).to_dict(), cf={k: v for k, v in CounterfactualConfig(**cf).to_dict().items()}, n=a.n,
                command=f"OMP_NUM_THREADS=1 python bench/explain_variants.py {a.name} '{a.pti}' '{a.cf}' {a.n}",

@@ -475,20 +475,19 @@ def _read_record(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
 
-def _explain_plan(paths, names, out: Path, kinds, overwrite: bool) -> list:
+def _explain_plan(paths, names, shas, out: Path, kinds, overwrite: bool) -> list:
     "Indices of the images still to explain: complete sets this command wrote for the same input file are kept (resume); anything else in the way is refused."
-    from spruce_nb.core import file_sha256
     inputs = {p.resolve() for p in paths}
     for n in names:
         for s in kinds:
             if (out / f'{n}{s}').resolve() in inputs:
                 raise ValueError(f"--out {out}: the output {n}{s} would replace the input file {out / f'{n}{s}'}; choose another --out.")
     todo = []
-    for k, (p, n) in enumerate(zip(paths, names)):
+    for k, (p, n, h) in enumerate(zip(paths, names, shas)):
         have = [s for s in kinds if (out / f'{n}{s}').exists()]
         if not have or overwrite: todo.append(k); continue
         rec = _read_record(out / f'{n}.json')
-        if rec is None or rec.get('input_sha256') != file_sha256(p):
+        if rec is None or rec.get('input_sha256') != h:
             why = 'has no record of this command' if rec is None else f"was written for another image ({rec.get('input', '?')})"
             raise FileExistsError(f"{out / (n + have[0])} {why}; pass --overwrite to replace the outputs for {p}, or choose another --out.")
         if len(have) < len(kinds):           # our own set, incomplete (e.g. --animate added now): write it again
@@ -508,7 +507,8 @@ def _explain_run(args) -> int:
     if len(set(names)) != len(names): raise ValueError("two input images share a file name; outputs are named after the input file stem.")
     if args.batch_size < 1: raise ValueError(f'--batch-size {args.batch_size}: must be at least 1.')
     kinds = EXPLAIN_OUTPUTS[:-1] + (('_path.gif',) if args.animate else ()) + EXPLAIN_OUTPUTS[-1:]
-    todo = _explain_plan(paths, names, out, kinds, args.overwrite)
+    shas = [file_sha256(p) for p in paths]                    # each input hashed once: the plan and the records use it
+    todo = _explain_plan(paths, names, shas, out, kinds, args.overwrite)
     if not todo:
         print(f'all {len(paths)} explanation(s) are already in {out} (same input files); nothing to do. --overwrite recomputes them.')
         return 0
@@ -537,7 +537,7 @@ def _explain_run(args) -> int:
         ks = todo[i:i + args.batch_size]
         ex = sp.explain(imgs[i:i + args.batch_size], target=target)
         ex.save(out, names=[names[k] for k in ks], overwrite=args.overwrite, animate=args.animate,
-                records=[dict(input=str(paths[k]), input_sha256=file_sha256(paths[k])) for k in ks])
+                records=[dict(input=str(paths[k]), input_sha256=shas[k]) for k in ks])
         n_flip += int(ex.flipped.sum())
         for j, k in enumerate(ks):
             s = ex.summary(j)
