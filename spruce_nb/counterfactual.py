@@ -17,8 +17,9 @@ from torch import nn
 from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image
 
 # %% auto #0
-__all__ = ['EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective', 'Trajectory',
-           'optimise_latents', 'Explanation', 'Inversion', 'Spruce', 'explanation_options', 'explainer_from_args']
+__all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
+           'Trajectory', 'optimise_latents', 'Explanation', 'Inversion', 'Spruce', 'explanation_options',
+           'register_explainer', 'explainer_from_args']
 
 # %% ../nbs/10_counterfactual.ipynb #1c454653
 @dataclass
@@ -167,12 +168,14 @@ class Explanation:
     probs: torch.Tensor             # [T+1, N, K] trajectory of class probabilities
     classes: list                   # class names
     status: list                    # 'ok' | 'stopped' | 'nan' per image
-    ws_pivot: torch.Tensor          # w_p [N, num_ws, w_dim]
-    ws: torch.Tensor                # w_e [N, num_ws, w_dim]
+    ws_pivot: torch.Tensor | None = None  # w_p [N, num_ws, w_dim] (methods with a latent space)
+    ws: torch.Tensor | None = None        # w_e [N, num_ws, w_dim]
     changed_features: torch.Tensor | None = None  # [N, D] mask of features PIECE moved
     config: dict | None = None      # the CounterfactualConfig used (as a dict)
     ws_path: torch.Tensor | None = None  # [T+1, N, num_ws, w_dim] fp16, when kept
     render: Callable | None = field(default=None, repr=False, compare=False)  # the inversion's w -> image (draws path images)
+    image_path: torch.Tensor | None = None  # [T+1, N, 3, H, W] fp16: the path as images, for methods that optimise pixels (DISC, ACE)
+    method: str = 'SPRUCE'          # which explainer made it
 
     def __len__(self): return len(self.original)
     @property
@@ -225,12 +228,14 @@ class Explanation:
 
     def path_images(self, steps: Sequence[int] | None = None) -> torch.Tensor:
         "Images G*(w_t) of every query at optimisation steps t (0 = pivot, T = counterfactual; default all) → [K,N,3,H,W] in [-1, 1]."
-        if self.ws_path is None: raise ValueError("this explanation kept no latents (CounterfactualConfig(keep_ws=False)): only its end points exist.")
-        if self.render is None: raise ValueError("this explanation has no renderer (it was not made by Spruce.explain in this session): path images cannot be drawn.")
-        T = len(self.ws_path) - 1
+        if self.image_path is None:
+            if self.ws_path is None: raise ValueError("this explanation kept no latents (CounterfactualConfig(keep_ws=False)): only its end points exist.")
+            if self.render is None: raise ValueError("this explanation has no renderer (it was not made by Spruce.explain in this session): path images cannot be drawn.")
+        T = len(self.image_path if self.image_path is not None else self.ws_path) - 1
         steps = list(range(T + 1)) if steps is None else [int(t) for t in steps]
         bad = [t for t in steps if not 0 <= t <= T]
         if bad: raise ValueError(f"steps {bad} out of range: this path has steps 0..{T}.")
+        if self.image_path is not None: return self.image_path[steps].float()
         with torch.no_grad(): return torch.stack([self.render(self.ws_path[t].float()).clamp(-1, 1).cpu() for t in steps])
 
     def animation_steps(self, frames: int = 24) -> list[int]:
@@ -346,6 +351,27 @@ class Spruce:
         c = self.base_config
         return c.scaled_to(self.resolution, self.G.num_ws * self.G.w_dim) if self.scale_lambdas else c
 
+    method = 'SPRUCE'
+
+    def fingerprint(self) -> dict:
+        "What decides this explainer's output, as plain JSON: its settings and the sha256 of every model (an evaluation run resumes only under the same fingerprint)."
+        from spruce_nb.core import state_sha256
+        from spruce_nb.piece import classifier_identity
+        from spruce_nb.e4e import generator_identity
+        models = dict(classifier=classifier_identity(self.classifier)['classifier_sha256'], generator=generator_identity(self.G),
+                      resolution=int(self.resolution), classes=list(self.classes))
+        if self.encoder is not None: models['encoder'] = state_sha256({k: v.reshape(-1) for k, v in self.encoder.state_dict().items()})
+        g = self.gmms
+        models['gmms'] = state_sha256({k: getattr(g, k) for k in getattr(g, '_tensors', ()) if isinstance(getattr(g, k, None), torch.Tensor)})
+        return dict(counterfactual=self.config.to_dict(), use_pti=bool(self.use_pti), scale_lambdas=bool(self.scale_lambdas), models=models,
+                    pti_config=None if self.pti_config is None else self.pti_config.to_dict())
+
+    def describe(self) -> str:
+        "One line for reports: the method and its settings."
+        c = self.config
+        return (f"SPRUCE, T = {c.steps}, λ_perc = {c.lambda_perc:g}, λ_latent = {c.lambda_latent:g}, λ_image = {c.lambda_image:g} "
+                f"(scaled to {self.resolution} px: {self.scale_lambdas}), PTI: {self.use_pti}")
+
     @classmethod
     def from_dir(cls, model_dir: str | Path, device=None, classifier: str = 'classifier.pt', gmms: str = 'gmms.pt', **kw) -> 'Spruce':
         "Load `classifier.pt`, `generator.pt`, `encoder.pt` and `gmms.pt` (or the named alternatives) from a model directory (e.g. a model-zoo entry)."
@@ -439,9 +465,33 @@ def explanation_options(p):
     p.add_argument('--pti-lr', type=float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
     p.add_argument('--pti-lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="PTI's LPIPS trunk (default: PTIConfig.lpips_net, the reference's 'alex')")
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: SPRUCE_DEVICE or the best available)')
+    p.add_argument('--method', default='spruce', choices=sorted(EXPLAINERS),
+                   help="the explainer: 'spruce' (this notebook) or a peer method registered by a later notebook (default spruce)")
+    for name, (_, add_options) in sorted(EXPLAINERS.items()):
+        if add_options is not None: add_options(p)
 
-def explainer_from_args(args, **from_dir) -> 'Spruce':
-    "A `Spruce` from `args.model_dir` with the options of `explanation_options` applied; bad values are refused before anything loads."
+#: explainers the commands know: name -> (from_args(args, **files) -> explainer, add_options(parser) or None); later notebooks register theirs
+EXPLAINERS: dict = {}
+
+def register_explainer(name: str,                    # the value of --method
+                       from_args: Callable,          # fn(args, **files) -> an explainer (`explain`, `classifier`, `classes`, `resolution`, `device`, `fingerprint`, `describe`)
+                       add_options: Callable | None = None, # fn(parser): the method's own flags, prefixed with its name (e.g. --disc-prior)
+                      ):
+    "Make `--method NAME` of `spruce explain` and `spruce evaluate` build this explainer."
+    EXPLAINERS[name.lower()] = (from_args, add_options)
+
+_SPRUCE_ONLY = ('lambda_perc', 'lambda_latent', 'lambda_image', 'lpips_net', 'no_pti', 'pti_steps', 'pti_lr', 'pti_lpips_net')
+
+def explainer_from_args(args, **from_dir):
+    "The explainer of `args.method` (default SPRUCE) from `args.model_dir` with the options of `explanation_options`; bad values are refused before anything loads."
+    m = (getattr(args, 'method', None) or 'spruce').lower()
+    if m not in EXPLAINERS: raise ValueError(f"--method {m!r}: known methods are {sorted(EXPLAINERS)}.")
+    if m != 'spruce':
+        used = ['--' + k.replace('_', '-') for k in _SPRUCE_ONLY if getattr(args, k, None) not in (None, False)]
+        if used: raise ValueError(f"{', '.join(used)} set SPRUCE up; --method {m} does not use them (see `spruce explain --help` for its own flags).")
+    return EXPLAINERS[m][0](args, **from_dir)
+
+def _spruce_from_args(args, **from_dir) -> 'Spruce':
     def bad(flag, v, why): raise ValueError(f'{flag} {v!r}: {why}.')
     for flag, v in (('--steps', args.steps),):
         if v is not None and v < 1: bad(flag, v, 'must be at least 1')
@@ -458,6 +508,8 @@ def explainer_from_args(args, **from_dir) -> 'Spruce':
     over = {k: v for k, v in over.items() if v is not None}
     if over: sp.base_config = sp.base_config.replace(**over)
     return sp
+
+register_explainer('spruce', _spruce_from_args)
 
 def _explain_args(p):
     p.add_argument('images', nargs='+', help='image files to explain')

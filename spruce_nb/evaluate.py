@@ -303,16 +303,6 @@ class EvaluationResult:
         "The figure grid of this run."
         return plot_evaluation_grid(_load_batches(self.out_dir, None)[2], self.rows, n=n)
 
-def _model_identity(spruce) -> dict:
-    from spruce_nb.piece import classifier_identity
-    from spruce_nb.e4e import generator_identity
-    ident = dict(classifier=classifier_identity(spruce.classifier)['classifier_sha256'], generator=generator_identity(spruce.G),
-                 resolution=int(spruce.resolution), classes=list(spruce.classes))
-    if spruce.encoder is not None: ident['encoder'] = state_sha256({k: v.reshape(-1) for k, v in spruce.encoder.state_dict().items()})
-    g = spruce.gmms
-    ident['gmms'] = state_sha256({k: getattr(g, k) for k in getattr(g, '_tensors', ()) if isinstance(getattr(g, k, None), torch.Tensor)})
-    return ident
-
 def _plain(o):
     if o is None or isinstance(o, (str, int, float, bool)): return o
     if hasattr(o, 'to_dict'): return o.to_dict()
@@ -423,7 +413,7 @@ def _field_set_level(rows, feats, ds, orc, cfg, names) -> dict:
         out['cd'] = cd_from_changes(orc.names, feats['oracle_changes'], q, pop, judged=list(orc.causal_names) + list(orc.identity_names))['cd']
     return out
 
-def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterfactual.Spruce` explainer
+def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce`, or any with explain/classifier/classes/resolution/device/fingerprint/describe (DISC, ACE)
                              data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
                              source_class: str = 'cardiomegaly', # c: class explained (its correctly classified images)
                              target_class: str = 'normal',       # c': counterfactual class (real images of it are the FID/CMMD reference)
@@ -434,7 +424,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
                              seed: int = 0,
                              config: EvaluationConfig | None = None, # overrides the protocol fields above when given
                              oracle=None,                # phantoms: PhantomOracle / path / None (fit one) / False (no oracle columns)
-                             label: str = 'SPRUCE',      # name of the method row in the table
+                             label: str | None = None,   # name of the method row in the table (default: the explainer's `method`)
                              max_batches: int | None = None, # compute at most this many new batches, then stop (complete=False)
                              on_batch: Callable | None = None, # fn(batch_number, rows) after each saved batch
                              overwrite: bool = False,    # discard a previous run in out_dir instead of continuing it
@@ -466,8 +456,8 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
     exts = realism_extractors(spruce, extractor)
     ext_names = [e.name for e in exts]
     lp = lpips_info('vgg')
-    fp = dict(protocol=cfg.to_dict(), counterfactual=spruce.config.to_dict(), use_pti=bool(spruce.use_pti),
-              pti_config=_plain(spruce.pti_config), scale_lambdas=bool(spruce.scale_lambdas), models=_model_identity(spruce),
+    label = label or getattr(spruce, 'method', 'SPRUCE')
+    fp = dict(protocol=cfg.to_dict(), **spruce.fingerprint(),   # the explainer's settings and model hashes (any method)
               extractor=' + '.join(ext_names), lpips_pretrained=bool(lp['pretrained_trunk']), label=label)
     if layout: fp['layout'] = layout                       # recorded only when used: runs made before these options still resume
     if diversity_seeds: fp['diversity_seeds'] = int(diversity_seeds)
@@ -519,8 +509,7 @@ def evaluate_counterfactuals(spruce,                     # a `spruce_nb.counterf
           f"{len(real_idx)} real `{cfg.target_class}` images as the reference of the set-level columns.", '',
           *[f"- {', '.join(_columns_of(e))} on **{e.name}**" for e in exts],
           f"- LPIPS: {lp['net']} v{lp['version']}, trunk {lp['trunk']}" + (f" (sha256 {lp['trunk_sha256'][:12]})" if lp.get('trunk_sha256') else '') + ('' if lp['pretrained_trunk'] else ' — **random trunk: LPIPS values are not comparable to published ones**'),
-          f"- explainer: T = {spruce.config.steps}, λ_perc = {spruce.config.lambda_perc:g}, λ_latent = {spruce.config.lambda_latent:g}, "
-          f"λ_image = {spruce.config.lambda_image:g} (scaled to {spruce.resolution} px: {spruce.scale_lambdas}), PTI: {spruce.use_pti}"]
+          f"- explainer: {spruce.describe()}"]
     if command: md.append(f"- command: `{command}`")
     md += ['', '## Thesis columns (Tables 6.8–6.11)', '', markdown_table(summary, THESIS_COLUMNS), '',
            "## The field's protocol (DiME, ACE)", '', markdown_table(summary[:1], FIELD_COLUMNS), '',
@@ -634,7 +623,7 @@ def _evaluate_args(p):
     p.add_argument('--extractor', nargs='+', default=['auto'], help="features of the set-level columns: 'auto' (FID-Inception → fid, kid and EfficientNet-Lite0 → mmd_effnet where `spruce weights install` put them, plus the explained classifier → fd_clf, mmd_clf), or any of 'classifier', a classifier .pt, 'inception', 'effnet', 'clip'")
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
     explanation_options(p)   # T, λs, LPIPS trunks, PTI, --device: the same as `spruce explain`
-    p.add_argument('--label', default='SPRUCE', help='name of the method row in the table')
+    p.add_argument('--label', default=None, help="name of the method row in the table (default: the method's name, e.g. SPRUCE)")
     p.add_argument('--max-batches', type=int, default=None, help='stop after this many new batches (continue later with the same command)')
     p.add_argument('--overwrite', action='store_true', help='discard a previous run in --out')
     p.add_argument('--layout', default=None, choices=['dime'], help="also write the run in DiME/ACE's output layout (OUT/dime/Original, OUT/dime/Results/LABEL/...), which their compute_*.py scripts read")
