@@ -1,0 +1,107 @@
+"""ACE's DDPM and ACE's mask, measured: the numbers and figure of nbs/16_ace.ipynb (rerun to reproduce them).
+
+    OMP_NUM_THREADS=1 python bench/ace_experiments.py samples  [--n 256]  # DDPM vs StyleGAN: FID/KID to real phantoms, same features, same n
+    OMP_NUM_THREADS=1 python bench/ace_experiments.py ablation [--n 16]   # ACE with vs without inpainting on the same pre-explanations
+
+Both add their block to nbs/data/ace_experiments.json (atomically); `samples` also writes nbs/images/ace_samples.png.
+"""
+import sys, json, time, argparse
+from pathlib import Path
+import torch
+from spruce_nb.core import atomic_write, seed_everything
+from spruce_nb.demo import ZOO_DIR
+from spruce_nb.data import dataset_from_spec, phantom_counterfactuals
+from spruce_nb.ace import ACE, ACEConfig, load_ddpm, pre_explanation, ace_mask, inpaint
+from spruce_nb.metrics import edit_metrics, get_extractor
+
+TASK = 'phantoms:cxr:cardiomegaly-vs-normal'
+
+def _update(path, key, block):
+    p = Path(path)
+    d = json.loads(p.read_text()) if p.exists() else {}
+    d[key] = block
+    with atomic_write(p, overwrite=True, mode='w') as f: json.dump(d, f, indent=1)
+
+def _ci(v):
+    v = torch.as_tensor(v, dtype=torch.float64)
+    return dict(mean=float(v.mean()), ci95=float(1.96 * v.std() / len(v) ** 0.5) if len(v) > 1 else None, n=len(v))
+
+def samples(a):
+    from spruce_nb.stylegan2 import load_generator, generate_images
+    zoo = Path(a.model_dir)
+    ddpm, G = load_ddpm(zoo / 'ddpm.pt'), load_generator(zoo / 'generator.pt')
+    real_ds = dataset_from_spec(TASK, split='test', size=64)
+    real = torch.stack([real_ds[i][0] for i in torch.randperm(len(real_ds), generator=torch.Generator().manual_seed(1))[:a.n].tolist()])
+    t0 = time.time()
+    dd = ddpm.sample(a.n, steps=a.steps, generator=torch.Generator().manual_seed(0))
+    t_ddpm = time.time() - t0
+    t0 = time.time(); gg = generate_images(G, a.n, seed=0); t_gan = time.time() - t0
+    out = dict(command='python bench/ace_experiments.py samples ' + ' '.join(sys.argv[2:]), n=a.n, ddpm_steps=a.steps, real=f'{TASK} test split, {a.n} images (both classes)',
+               seconds=dict(ddpm=round(t_ddpm, 1), stylegan=round(t_gan, 1)))
+    for name in ('inception', 'effnet'):
+        e = get_extractor(name)
+        fr = e(real)
+        out[name] = dict(extractor=e.name, ddpm=e.set_metrics(e(dd), fr), stylegan=e.set_metrics(e(gg), fr))
+    _update(a.out, 'samples', out)
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(3, 8, figsize=(10, 4.1))
+    for r, (imgs, name) in enumerate(((real, 'real phantoms'), (dd, f'DDPM ({a.steps} steps)'), (gg, 'StyleGAN2'))):
+        for c in range(8):
+            axs[r, c].imshow(imgs[c, 0], cmap='gray', vmin=-1, vmax=1); axs[r, c].axis('off')
+        axs[r, 0].set_title(name, fontsize=9, loc='left')
+    fig.tight_layout()
+    with atomic_write(a.figure, overwrite=True) as f: fig.savefig(f, format='png', dpi=90)
+    print(json.dumps(out, indent=1))
+
+def ablation(a):
+    from spruce_nb.classifier import load_classifier
+    zoo = Path(a.model_dir)
+    ace = ACE(load_classifier(zoo / a.classifier), load_ddpm(zoo / 'ddpm.pt'), ACEConfig(steps=a.steps))
+    ds = dataset_from_spec(TASK, split='test', size=64)
+    src, tgt = 'cardiomegaly', 'normal'
+    ci = ace.classes.index(src)
+    idx = [i for i in range(len(ds)) if int(ds[i][1]) == ci][:a.n]
+    x = torch.stack([ds[i][0] for i in idx])
+    seed_everything(0)
+    t0 = time.time()
+    target = torch.full((len(x),), ace.classes.index(tgt))
+    pre = pre_explanation(ace.ddpm, ace.classifier, x, target, ace.config, show_progress=True)
+    t_pre = time.time() - t0
+    _, keep = ace_mask(x, pre['pe'], ace.config)
+    t0 = time.time()
+    with torch.no_grad(): cf = inpaint(ace.ddpm, x, pre['pe'], keep, ace.config)
+    t_inp = time.time() - t0
+    gt = phantom_counterfactuals(ds.modality, ds.seeds[idx], src, tgt, size=64, markers=ds.markers[idx])
+    out = dict(command='python bench/ace_experiments.py ablation ' + ' '.join(sys.argv[2:]), n=len(x), classifier=a.classifier, steps=a.steps,
+               seconds_per_image=dict(pre_explanation=round(t_pre / len(x), 2), inpainting=round(t_inp / len(x), 2)),
+               mask_fraction=_ci((~keep).float().flatten(1).mean(1)))
+    for name, img in (('pre_explanation', pre['pe']), ('inpainted', cf)):
+        with torch.no_grad(): p = ace.classifier(img).softmax(-1)[:, ace.classes.index(tgt)]
+        m = edit_metrics(img, x, gt['images'], gt['counterfactuals'], gt['masks'])
+        out[name] = dict(flip=_ci((p > 0.5).float()), confidence=_ci(p), l1=_ci((img - x).abs().flatten(1).mean(1) / 2),
+                         **{k: _ci(v) for k, v in m.items()})
+    _update(a.out, f'ablation_{Path(a.classifier).stem}', out)
+    print(json.dumps(out, indent=1))
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    rows = [(x, 'original'), (pre['pe'], 'pre-explanation'), ((~keep).float() * 2 - 1, 'mask'), (cf, 'ACE counterfactual'), (gt['counterfactuals'], 'true counterfactual')]
+    fig, axs = plt.subplots(len(rows), 6, figsize=(7.5, 6.6))
+    for r, (imgs, name) in enumerate(rows):
+        for c in range(6):
+            axs[r, c].imshow(imgs[c, 0].cpu(), cmap='gray', vmin=-1, vmax=1); axs[r, c].axis('off')
+        axs[r, 0].set_title(name, fontsize=9, loc='left')
+    fig.tight_layout()
+    with atomic_write(a.figure.replace('ace_samples', 'ace_steps'), overwrite=True) as f: fig.savefig(f, format='png', dpi=90)
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('what', choices=['samples', 'ablation'])
+    ap.add_argument('--model-dir', default=str(ZOO_DIR / 'cxr64'))
+    ap.add_argument('--n', type=int, default=None, help='images (samples: 256, ablation: 16)')
+    ap.add_argument('--steps', type=int, default=None, help='samples: respaced sampling steps (50); ablation: attack steps (50)')
+    ap.add_argument('--classifier', default='classifier.pt')
+    ap.add_argument('--out', default='nbs/data/ace_experiments.json')
+    ap.add_argument('--figure', default='nbs/images/ace_samples.png')
+    a = ap.parse_args()
+    a.n = a.n or (256 if a.what == 'samples' else 16); a.steps = a.steps or 50
+    torch.set_num_threads(1)
+    (samples if a.what == 'samples' else ablation)(a)
