@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .core import Config, CLICommand, atomic_write, seed_everything
+from .core import Config, CLICommand, atomic_write, seed_everything, positive_int
 from .evaluate import (EvaluationConfig, evaluate_counterfactuals, markdown_table, _write_csv, THESIS_COLUMNS, FIELD_COLUMNS, DEFAULT_DATA)
 
 # %% auto #0
@@ -156,13 +156,13 @@ def _ablations_args(p):
     p.add_argument('--sweeps', nargs='+', default=['epsilon', 'lambda'], choices=['epsilon', 'lambda', 'lambda-amplified'])
     p.add_argument('--epsilons', type=int, nargs='+', default=list(THESIS_EPSILONS), help='ε × 255 of the ε sweep (0 = plain)')
     p.add_argument('--lambda-classifier', default='best-cmmd', help="classifier file for the λ sweeps, or 'best-cmmd' (thesis: the ε row with the lowest CMMD)")
-    p.add_argument('--n', type=int, default=100, help='correctly classified source images per cell')
-    p.add_argument('--batch-size', type=int, default=20)
+    p.add_argument('--n', type=positive_int, default=100, help='correctly classified source images per cell')
+    p.add_argument('--batch-size', type=positive_int, default=20)
     p.add_argument('--steps', type=int, default=None, help='T for every cell (default: CounterfactualConfig.steps, the thesis T)')
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning in every cell')
     p.add_argument('--extractor', default='classifier.pt', help='FID/CMMD features for every row (default: the plain classifier in --model-dir)')
-    p.add_argument('--data-n', type=int, default=None, help='phantoms: items in the held-out split (default 1000)')
-    p.add_argument('--n-real', type=int, default=None, help='real target images for FID/CMMD (default: all in the split)')
+    p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the held-out split (default 1000)')
+    p.add_argument('--n-real', type=positive_int, default=None, help='real target images for FID/CMMD (default: all in the split)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None)
 

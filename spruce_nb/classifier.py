@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, to_unit, get_device, seed_everything, is_tiny,
-                            save_checkpoint, load_checkpoint, atomic_write, progress, add_data_args)
+                            save_checkpoint, load_checkpoint, atomic_write, progress, add_data_args, OutputDir, positive_int)
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXT_PRESETS', 'cli_commands', 'create_backbone', 'Classifier',
@@ -512,23 +512,23 @@ def _train_args(p):
     p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK' (default phantoms:cxr = cardiomegaly vs normal), a folder root/<class>/*.png, or 'medmnist:PATH.npz'")
     p.add_argument('--arch', default='convnext_micro', help=f"timm model name or one of {sorted(CONVNEXT_PRESETS)} (thesis: convnext_base)")
     p.add_argument('--out', required=True, help='run directory (classifier.pt, confusion.png, report.json, last.pt, history.json)')
-    p.add_argument('--epochs', type=int, default=None, help='epochs (default: thesis 100)')
+    p.add_argument('--epochs', type=positive_int, default=None, help='epochs (default: thesis 100)')
     p.add_argument('--warmup-epochs', type=int, default=None, help='warm-up epochs (default: thesis 10, capped at epochs // 10 when --epochs is given)')
-    p.add_argument('--batch-size', type=int, default=None, help='batch size (default: thesis 64; 16 with --trades-eps)')
+    p.add_argument('--batch-size', type=positive_int, default=None, help='batch size (default: thesis 64; 16 with --trades-eps)')
     p.add_argument('--lr', type=float, default=None, help='AdamW learning rate (default: thesis 5e-4; 1e-4 with --trades-eps)')
     p.add_argument('--patience', type=int, default=None, help='early-stopping patience in epochs (default 20)')
     p.add_argument('--image-size', type=int, default=64, help='image size H = W (default 64)')
-    p.add_argument('--n-train', type=int, default=None, help='phantoms: training images (default 10000)')
-    p.add_argument('--n-val', type=int, default=None, help='phantoms: validation images (default 1000)')
-    p.add_argument('--n-test', type=int, default=None, help='phantoms: test images (default 1000)')
+    p.add_argument('--n-train', type=positive_int, default=None, help='phantoms: training images (default 10000)')
+    p.add_argument('--n-val', type=positive_int, default=None, help='phantoms: validation images (default 1000)')
+    p.add_argument('--n-test', type=positive_int, default=None, help='phantoms: test images (default 1000)')
     p.add_argument('--pretrained', default=None, help='local ImageNet weights file for --arch (timm cannot download here)')
     p.add_argument('--init', default=None, help='start from this classifier checkpoint (e.g. fine-tune a plain model with TRADES)')
     p.add_argument('--trades-eps', type=float, default=0.0, help='train with TRADES at eps = VALUE/255 (thesis: 1, 2 or 8); 0 = plain')
     p.add_argument('--trades-beta', type=float, default=6.0, help='TRADES beta (default 6)')
     p.add_argument('--trades-steps', type=int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
     p.add_argument('--trades-eps-warmup', type=float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
-    p.add_argument('--robust-n', type=int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
-    p.add_argument('--max-steps', type=int, default=None, help='stop after this many optimisation steps (smoke tests)')
+    p.add_argument('--robust-n', type=positive_int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
+    p.add_argument('--max-steps', type=positive_int, default=None, help='stop after this many optimisation steps (smoke tests)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: best available)')
     p.add_argument('--half', action='store_true', help='store classifier.pt in fp16 (for shipping)')
@@ -537,6 +537,13 @@ def _train_args(p):
 def _train_run(args) -> int:
     if not 0 <= args.trades_eps <= 255: raise ValueError(f"--trades-eps {args.trades_eps}: give eps in /255 units, in (0, 255] (e.g. 8 for 8/255), or 0 for plain training.")
     eps = args.trades_eps / 255
+    out = Path(args.out)
+    with OutputDir(out, 'train-classifier') as od:               # locked; its files are claimed before any data are made
+        od.claim(['classifier.pt', 'confusion.png', 'report.json'], resume=args.resume, adopt=(out / 'last.pt').exists(),
+                 hint='pass --resume to continue that run, or delete it')
+        return _train_in(args, out, eps)
+
+def _train_in(args, out: Path, eps: float) -> int:
     n = dict(train=args.n_train, val=args.n_val, test=args.n_test)
     splits = _data_splits(args.data, args.image_size, n, seed=args.seed)
     classes = _classes_of(splits['train'])
@@ -546,9 +553,6 @@ def _train_run(args) -> int:
     for k in ('warmup_epochs', 'batch_size', 'lr', 'patience'):
         if getattr(args, k) is not None: kw[k] = getattr(args, k)
     cfg = base.replace(**kw)
-    out = Path(args.out)
-    if not args.resume and (out / 'classifier.pt').exists():
-        raise FileExistsError(f"{out / 'classifier.pt'} exists: choose another --out, delete the run, or pass --resume to continue it.")
     print(f"training {cfg.arch} on {args.data} ({len(splits['train'])} train / {len(splits.get('val', []))} val images, classes {list(classes)})"
           + (f" with TRADES eps={args.trades_eps:g}/255 beta={cfg.trades_beta:g}" if eps > 0 else ''))
     clf, hist = train_classifier(cfg, splits['train'], splits.get('val'), out, resume=args.resume, init=args.init,
@@ -575,11 +579,13 @@ def _eval_args(p):
     p.add_argument('--device', default=None)
 
 def _eval_run(args) -> int:
+    if args.out is None: return _eval_to(args)
+    with OutputDir(args.out, 'evaluate-classifier', overwrite=args.overwrite) as od:   # before any work: never over a training run's or a user's report
+        od.claim(['confusion.png', 'report.json'])
+        return _eval_to(args)
+
+def _eval_to(args) -> int:
     from spruce_nb.data import dataset_from_spec
-    if args.out is not None:                      # before any work: never replace a report (a training run's, a user's) silently
-        taken = [n for n in ('confusion.png', 'report.json') if (Path(args.out) / n).exists()]
-        if taken and not args.overwrite:
-            raise FileExistsError(f"{Path(args.out) / taken[0]} exists; pass --overwrite to replace it, or choose another --out.")
     clf = load_classifier(args.ckpt, device=args.device)
     ds = dataset_from_spec(args.data, split=args.split, size=clf.image_size, n=args.n)
     if tuple(_classes_of(ds)) != tuple(clf.classes):

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `spruce` console script."
     p = build_parser()
-    args = p.parse_args(argv)
+    try: args = p.parse_args(argv)
+    except SystemExit as e:                        # a bad flag or number: argparse named it; an exit code, not an exception (--help still exits)
+        if e.code in (0, None): raise
+        return int(e.code) if isinstance(e.code, int) else 2
     if not getattr(args, '_run', None):
         p.print_help(); return 0
     try:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d5205167
 from __future__ import annotations
-import os, io, json, math, random, hashlib, tempfile, warnings, dataclasses, contextlib
+import os, io, json, math, random, hashlib, tempfile, warnings, dataclasses, contextlib, socket, shutil, argparse
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'to_unit', 'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config',
-           'current_umask', 'atomic_write', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError',
-           'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand',
-           'add_data_args']
+__all__ = ['OUTPUT_MARKER', 'OUTPUT_LOCK', 'CHECKPOINT_FORMAT', 'positive_int', 'nonneg_int', 'positive_float', 'to_unit',
+           'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config', 'current_umask',
+           'atomic_write', 'OutputDirError', 'OutputDir', 'state_sha256', 'file_sha256', 'save_checkpoint',
+           'CheckpointError', 'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images',
+           'save_image', 'CLICommand', 'add_data_args']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -150,6 +151,112 @@ def atomic_write(path: str | Path,        # Destination file
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #2ffeb562
+OUTPUT_MARKER = '.spruce-outputs.json'   # in every output directory: which command wrote which file
+OUTPUT_LOCK = '.spruce-outputs.lock'     # held while a run writes there
+
+class OutputDirError(FileExistsError):
+    "An output directory cannot be used as asked (owned by someone else, locked by another run, or not writable)."
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+class OutputDir:
+    "One output policy for every command: a directory records which command wrote which file; a run locks it; a file is replaced only with `overwrite` and only by the command that wrote it."
+    def __init__(self, path: str | Path,   # the output directory (created if missing)
+                 command: str,             # the command writing there, e.g. 'evaluate'
+                 overwrite: bool = False,  # may this command replace files it wrote before?
+                ):
+        self.path, self.command, self.overwrite, self._locked, self._nested = Path(path), command, bool(overwrite), False, False
+
+    def _fail(self, what: str, e: OSError):
+        raise OutputDirError(f"cannot {what} {self.path}: {e.strerror or e}. Choose another --out (a writable directory on a disk with free space).") from None
+
+    def __enter__(self):
+        p = self.path
+        if p.is_symlink() and not p.exists(): raise OutputDirError(f"--out {p} is a dangling symbolic link; remove it or choose another directory.")
+        if p.exists() and not p.is_dir(): raise OutputDirError(f"--out {p} is a file, not a directory; choose a directory (it is created if missing).")
+        try: p.mkdir(parents=True, exist_ok=True)
+        except OSError as e: self._fail('create', e)
+        lock = p / OUTPUT_LOCK
+        me = f'{os.getpid()}@{socket.gethostname()} spruce {self.command}'
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
+                with os.fdopen(fd, 'w') as f: f.write(me)
+                self._locked = True
+                break
+            except FileExistsError:
+                held = lock.read_text(errors='replace').strip() if lock.exists() else ''
+                pid, _, rest = held.partition('@')
+                host = rest.split(' ')[0]
+                if pid == str(os.getpid()) and host == socket.gethostname():  # this process holds it already (a command around a Trainer)
+                    self._locked = self._nested = True; break
+                if pid.isdigit() and host == socket.gethostname() and not _pid_alive(int(pid)):
+                    lock.unlink(missing_ok=True); continue         # a killed run's lock: taken over
+                raise OutputDirError(f"{p} is in use by another run ({held or 'unknown'}); wait for it to finish, or choose another --out. "
+                                     f"If no such run exists, delete {lock}.") from None
+            except OSError as e: self._fail('write into', e)
+        return self
+
+    def __exit__(self, *exc):
+        if self._locked and not self._nested: (self.path / OUTPUT_LOCK).unlink(missing_ok=True)
+        self._locked = self._nested = False
+        return False
+
+    def record(self) -> dict:
+        "{file name: {'command', 'version'}} of the files spruce commands wrote here ({} if none)."
+        m = self.path / OUTPUT_MARKER
+        if not m.exists(): return {}
+        try: return dict(json.loads(m.read_text()).get('files', {}))
+        except (ValueError, AttributeError):
+            raise OutputDirError(f"{m} is damaged (not the JSON spruce writes); delete it only if you know which command made the files in {self.path}.") from None
+
+    def owner(self, name: str) -> str | None:
+        "The command that wrote `name` here, or None (a file spruce did not make, or none)."
+        return self.record().get(str(name), {}).get('command')
+
+    def claim(self, names: Iterable[str],  # files (relative to the directory) this run will write
+              resume: bool = False,         # existing files of this command are continued, not refused
+              adopt: bool = False,          # a directory without a marker: existing files count as this command's (runs made before the marker)
+              hint: str = 'pass --overwrite to replace them', # what the user can do about this command's own earlier files
+             ) -> list[str]:
+        "Refuse, before any work, to touch files another command or the user made; without `overwrite` (or `resume`) also this command's; then record the names as this command's. Returns the names that exist already."
+        if not self._locked: raise RuntimeError('OutputDir.claim: use it inside `with OutputDir(...) as out:`.')
+        names = [str(n) for n in names]
+        rec = self.record()
+        adopt = adopt and not (self.path / OUTPUT_MARKER).exists()
+        there = [n for n in names if (self.path / n).exists()]
+        foreign = [n for n in there if not adopt and rec.get(n, {}).get('command') != self.command]
+        if foreign:
+            who = rec.get(foreign[0], {}).get('command')
+            raise OutputDirError(f"{self.path / foreign[0]}{f' and {len(foreign) - 1} more file(s)' if len(foreign) > 1 else ''} "
+                                 f"{f'were written by `spruce {who}`' if who else 'were not made by spruce'}; `spruce {self.command}` never replaces them, "
+                                 "not even with --overwrite. Choose another --out, or move them.")
+        if there and not (self.overwrite or resume):
+            raise OutputDirError(f"{self.path / there[0]}{f' and {len(there) - 1} more file(s)' if len(there) > 1 else ''} exists from an earlier "
+                                 f"`spruce {self.command}`; {hint}, or choose another --out.")
+        from spruce_nb import __version__
+        rec.update({n: dict(command=self.command, version=__version__) for n in names})
+        try:
+            with atomic_write(self.path / OUTPUT_MARKER, overwrite=True, mode='w') as f: json.dump(dict(files=rec), f, indent=1, sort_keys=True)
+        except OSError as e: self._fail('write into', e)
+        return there
+
+    def remove_own(self) -> list[str]:
+        "Delete the files this command wrote here (what --overwrite starts from); others' files stay. Returns their names."
+        if not self._locked: raise RuntimeError('OutputDir.remove_own: use it inside `with OutputDir(...) as out:`.')
+        rec, gone = self.record(), []
+        for n, r in rec.items():
+            if r.get('command') != self.command: continue
+            p = self.path / n
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True); gone.append(n)
+            elif p.exists() or p.is_symlink(): p.unlink(); gone.append(n)
+        return gone
 
 # %% ../nbs/00_core.ipynb #c626cd3a
 CHECKPOINT_FORMAT = 'spruce_nb.checkpoint/1'
@@ -333,5 +440,19 @@ def add_data_args(p,                                          # the sub-command'
     "Add the shared `--data SPEC`, `--split` and `--n` options of a command that reads images with `dataset_from_spec`; returns `p`."
     p.add_argument('--data', default='phantoms:cxr', help="'phantoms:TASK', a folder root/<class>/*.png, or 'medmnist:PATH.npz'" + note)
     p.add_argument('--split', default=split, help=f'split to use (default {split})')
-    p.add_argument('--n', type=int, default=None, help=n_help)
+    p.add_argument('--n', type=positive_int, default=None, help=n_help)
     return p
+
+def _number(kind, cast, ok, what):
+    def parse(s):
+        try: v = cast(s)
+        except (TypeError, ValueError): raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+        if not ok(v): raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    parse.__name__ = kind
+    return parse
+
+#: argparse types for the numbers every command takes: the flag and the value are named before any work
+positive_int = _number('positive_int', int, lambda v: v >= 1, 'a whole number >= 1')
+nonneg_int = _number('nonneg_int', int, lambda v: v >= 0, 'a whole number >= 0')
+positive_float = _number('positive_float', float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')

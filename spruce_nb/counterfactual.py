@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image
+from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image, OutputDir, positive_int
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
@@ -517,7 +517,7 @@ def _explain_args(p):
     p.add_argument('--target', default=None, help='target class name or index (default: the second most probable class)')
     p.add_argument('--out', required=True, help='output directory')
     explanation_options(p)
-    p.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
+    p.add_argument('--batch-size', type=positive_int, default=16, help='images per batch (default 16)')
     p.add_argument('--animate', action='store_true', help='also write <name>_path.gif: reconstruction → semifactuals → counterfactual, p(target) on each frame')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
 
@@ -560,7 +560,13 @@ def _explain_run(args) -> int:
     if args.batch_size < 1: raise ValueError(f'--batch-size {args.batch_size}: must be at least 1.')
     kinds = EXPLAIN_OUTPUTS[:-1] + (('_path.gif',) if args.animate else ()) + EXPLAIN_OUTPUTS[-1:]
     shas = [file_sha256(p) for p in paths]                    # each input hashed once: the plan and the records use it
-    todo = _explain_plan(paths, names, shas, out, kinds, args.overwrite)
+    with OutputDir(out, 'explain', overwrite=args.overwrite) as od:   # locked: two runs into one --out never mix their files
+        todo = _explain_plan(paths, names, shas, out, kinds, args.overwrite)
+        od.claim([f'{names[k]}{s}' for k in todo for s in kinds], resume=True, adopt=True)   # never a file another command or the user made
+        return _explain_todo(args, paths, names, shas, out, todo)
+
+def _explain_todo(args, paths, names, shas, out: Path, todo: list) -> int:
+    from spruce_nb.data import load_image
     if not todo:
         print(f'all {len(paths)} explanation(s) are already in {out} (same input files); nothing to do. --overwrite recomputes them.')
         return 0
@@ -597,4 +603,4 @@ def _explain_run(args) -> int:
     print(f"flipped {n_flip}/{len(todo)}{f' ({skipped} already done, kept)' if skipped else ''}; outputs in {out}")
     return 0
 
-cli_commands = [CLICommand('explain', 'explain images with SPRUCE counterfactuals (writes PNGs and a JSON per image)', _explain_args, _explain_run)]
+cli_commands = [CLICommand('explain', 'explain images with SPRUCE counterfactuals, or a peer method with --method (writes PNGs and a JSON per image)', _explain_args, _explain_run)]

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .anatomy import N_ANATOMY_UNIFORMS, anatomy_params, render_anatomy, has_template, template_dir
-from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand
+from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand, positive_int
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
@@ -922,7 +922,7 @@ def write_phantom_folder(out,                    # output folder (must be empty 
 def _phantoms_args(p):
     p.add_argument('--modality', default='cxr', help=f"one of {', '.join(PHANTOM_CLASSES)} (default cxr)")
     p.add_argument('--classes', default=None, help='comma-separated class names (default: normal,cardiomegaly for cxr; all classes otherwise)')
-    p.add_argument('--n', type=int, default=2000, help='number of images (default 2000)')
+    p.add_argument('--n', type=positive_int, default=2000, help='number of images (default 2000)')
     p.add_argument('--size', type=int, default=64, help='image size, a power of two >= 32 (default 64)')
     p.add_argument('--seed', type=int, default=0, help='base seed (default 0)')
     p.add_argument('--split', default='train', choices=['train', 'val', 'test'], help='seed stream (default train)')

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import spruce_nb
-from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__
+from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__, OutputDir
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'cli_commands', 'zoo_manifest', 'check_zoo_file', 'ensure_models',
@@ -167,13 +167,17 @@ def run_demo(out: str | Path = 'demo_out',     # report directory
              manifest: dict | None = None,
             ) -> Path:
     "Run SPRUCE end to end on the embedded default and write report.png / report.md / report.json; returns the report path."
+    out = Path(out)
+    md = out / 'report.md'
+    legacy = md.exists() and md.read_text(errors='replace').startswith('# spruce demo report')   # a report made before the output record
+    with OutputDir(out, 'demo', overwrite=overwrite) as od:     # before any work: never over a report.json of another command or a user
+        od.claim(['report.md', 'report.json', 'report.png'], adopt=legacy)
+        return _demo_in(out, cfg, force_retrain, device, zoo_dir, manifest)
+
+def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifest) -> Path:
     from spruce_nb.counterfactual import Spruce, CounterfactualConfig
     from spruce_nb.data import fit_oracle
     from spruce_nb.perceptual import lpips_info
-    out = Path(out)
-    taken = [n for n in ('report.md', 'report.json', 'report.png') if (out / n).exists()]
-    if taken and not overwrite:                    # any of the three: a report.json of another command is a user's file too
-        raise FileExistsError(f"{out / taken[0]} exists; pass --overwrite to replace the demo report, or choose another --out.")
     t0 = time.time(); seed_everything(cfg.seed)
     print(f'spruce demo: SPRUCE counterfactuals on 64-px chest phantoms (cardiomegaly → normal); output in {out}/', flush=True)
     print('[1/5] models', flush=True)

@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, save_checkpoint,
-                            load_checkpoint, state_sha256, to_unit, atomic_write)
+                            load_checkpoint, state_sha256, to_unit, atomic_write, positive_int)
 
 # %% auto #0
 __all__ = ['cli_commands', 'E4EConfig', 'stage_at', 'SEModule', 'BottleneckIR', 'EqualLinear', 'GradualStyleBlock',
@@ -445,10 +445,10 @@ def interpolation_curve(G: nn.Module, classifier: nn.Module, ws_a: torch.Tensor,
 def _train_encoder_args(p):
     p.add_argument('--generator', required=True, help='generator checkpoint (G_ema.pt or a StyleGAN2 last.pt)')
     p.add_argument('--data', default='phantoms:cxr', help="training images: 'phantoms:TASK', a folder, or medmnist:PATH.npz")
-    p.add_argument('--n', type=int, default=None, help='phantoms: number of training images')
+    p.add_argument('--n', type=positive_int, default=None, help='phantoms: number of training images')
     p.add_argument('--out', required=True, help='run directory (encoder.pt, history, offsets.png, last.pt)')
-    p.add_argument('--steps', type=int, default=3000, help='training steps (the progressive schedule scales with it)')
-    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--steps', type=positive_int, default=3000, help='training steps (the progressive schedule scales with it)')
+    p.add_argument('--batch-size', type=positive_int, default=8)
     p.add_argument('--classifier', default=None, help='classifier checkpoint whose features C give the similarity loss')
     p.add_argument('--lambda-sim', type=float, default=None, help='λ_sim (default 0.5; 0 = off)')
     p.add_argument('--lambda-adv', type=float, default=None, help='λ_adv of the latent discriminator (default 0.1; 0 = off)')

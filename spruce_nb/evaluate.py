@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .counterfactual import explanation_options, explainer_from_args
-from .core import (CLICommand, Config, atomic_write, get_device, progress, seed_everything, state_sha256,
-                            file_sha256, image_to_numpy, is_tiny, check_images)
+from .core import (CLICommand, Config, atomic_write, OutputDir, get_device, progress, seed_everything, state_sha256,
+                            file_sha256, image_to_numpy, is_tiny, check_images, positive_int)
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS', 'GT_COLUMNS', 'cli_commands',
@@ -449,10 +449,18 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
         if c not in names or c not in spruce.classes:
             raise ValueError(f"class {c!r}: the data has classes {names} and the classifier {list(spruce.classes)}; pass --classes SOURCE:TARGET from both.")
     out = Path(out_dir)
-    if overwrite:
-        for name in _OUTPUTS: (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / 'batches', ignore_errors=True); shutil.rmtree(out / 'dime', ignore_errors=True)
-    (out / 'batches').mkdir(parents=True, exist_ok=True)
+    with OutputDir(out, 'evaluate', overwrite=overwrite) as od:    # locked; files of other commands or the user are never touched
+        od.claim(_OUTPUTS + ('batches', 'dime'), resume=True, adopt=(out / 'fingerprint.json').exists())
+        if overwrite: od.remove_own()                               # evaluate's own files only
+        (out / 'batches').mkdir(parents=True, exist_ok=True)
+        return _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, max_batches, show_progress, on_batch, command,
+                            nearest_split, layout, diversity_seeds, t0)
+
+def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, max_batches, show_progress, on_batch, command,
+                 nearest_split, layout, diversity_seeds, t0) -> EvaluationResult:
+    "The body of `evaluate_counterfactuals`, run while it holds its output directory."
+    from spruce_nb.data import dataset_from_spec
+    from spruce_nb.perceptual import lpips_info
     exts = realism_extractors(spruce, extractor)
     ext_names = [e.name for e in exts]
     lp = lpips_info('vgg')
@@ -612,14 +620,14 @@ def _evaluate_args(p):
     p.add_argument('--classifier', default='classifier.pt', help='classifier file in --model-dir (e.g. classifier_trades8.pt for a robust one)')
     p.add_argument('--gmms', default='gmms.pt', help="that classifier's feature GMMs in --model-dir")
     p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names (default cardiomegaly:normal)')
-    p.add_argument('--n', type=int, default=500, help='correctly classified source images to explain (thesis: 500)')
+    p.add_argument('--n', type=positive_int, default=500, help='correctly classified source images to explain (thesis: 500)')
     p.add_argument('--out', required=True, help='output directory (an unfinished run there is continued; a run there with a smaller --n and otherwise the same settings is extended)')
     p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data: phantoms:TASK, folder:PATH or medmnist:PATH.npz (default {DEFAULT_DATA})')
     p.add_argument('--split', default='test', help='held-out split (default test)')
-    p.add_argument('--data-n', type=int, default=None, help='phantoms: items in the split (default 1000 for test)')
+    p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the split (default 1000 for test)')
     p.add_argument('--seed', type=int, default=0, help='order in which source images are drawn')
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--n-real', type=int, default=None, help='real target images, the reference of the set-level columns (default: all in the split)')
+    p.add_argument('--batch-size', type=positive_int, default=16)
+    p.add_argument('--n-real', type=positive_int, default=None, help='real target images, the reference of the set-level columns (default: all in the split)')
     p.add_argument('--extractor', nargs='+', default=['auto'], help="features of the set-level columns: 'auto' (FID-Inception → fid, kid and EfficientNet-Lite0 → mmd_effnet where `spruce weights install` put them, plus the explained classifier → fd_clf, mmd_clf), or any of 'classifier', a classifier .pt, 'inception', 'effnet', 'clip'")
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
     explanation_options(p)   # T, λs, LPIPS trunks, PTI, --device: the same as `spruce explain`

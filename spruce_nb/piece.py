@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (CLICommand, Config, check_images, get_device, is_tiny, progress, save_checkpoint,
-                            load_checkpoint, state_sha256, atomic_write, seed_everything, add_data_args)
+                            load_checkpoint, state_sha256, atomic_write, seed_everything, add_data_args, positive_int)
 
 # %% auto #0
 __all__ = ['cli_commands', 'GMM1D', 'fit_gmm_1d', 'CollectedFeatures', 'collect_features', 'classifier_identity', 'FeatureGMMs',
@@ -756,10 +756,10 @@ def _fit_args(p):
     p.add_argument('--model', required=True, help='classifier checkpoint (classifier.pt from train-classifier)')
     add_data_args(p, split='train', n_help='phantoms: number of images (default: the split size)', note=' (images the classifier was trained on)')
     p.add_argument('--out', required=True, help='output file (feature_gmms.pt)')
-    p.add_argument('--k', type=int, default=5, help='Gaussian components per feature (thesis: 5)')
+    p.add_argument('--k', type=positive_int, default=5, help='Gaussian components per feature (thesis: 5)')
     p.add_argument('--n-init', type=int, default=3, help='initialisations per feature (default 3)')
     p.add_argument('--hurdle', action='store_true', help="fit PIECE's hurdle model instead (ReLU features only; slow)")
-    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--batch-size', type=positive_int, default=128)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
     p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
 

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, atomic_write,
-                            save_checkpoint, load_checkpoint, progress, save_image, show_images)
+                            save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int)
 
 # %% auto #0
 __all__ = ['CONFIGS', 'cli_commands', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample2d', 'conv2d_resample', 'bias_act',
@@ -885,13 +885,13 @@ def _train_gan_args(p):
     p.add_argument('--data', required=True, help="training images: 'phantoms:cxr' (a phantom task), a folder, or medmnist:PATH.npz")
     p.add_argument('--res', type=int, default=64, help='resolution R (a power of two; the data are resized to it)')
     p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='preset: tiny (CPU), paper256 or auto (NVlabs)')
-    p.add_argument('--kimg', type=float, default=25.0, help='run length in thousands of real images shown to D')
+    p.add_argument('--kimg', type=positive_float, default=25.0, help='run length in thousands of real images shown to D')
     p.add_argument('--out', required=True, help='run directory')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (the config must match)')
-    p.add_argument('--n', type=int, default=None, help='phantoms: number of training images (default: the data module default)')
-    p.add_argument('--batch', type=int, default=None, help='override the preset batch size')
+    p.add_argument('--n', type=positive_int, default=None, help='phantoms: number of training images (default: the data module default)')
+    p.add_argument('--batch', type=positive_int, default=None, help='override the preset batch size')
     p.add_argument('--gamma', type=float, default=None, help='override the R1 weight γ')
-    p.add_argument('--snap', type=float, default=None, help='snapshot/checkpoint interval in kimg (default: run length / 10)')
+    p.add_argument('--snap', type=positive_float, default=None, help='snapshot/checkpoint interval in kimg (default: run length / 10)')
     p.add_argument('--metric-kimg', type=float, default=None, help='FD8 interval in kimg (default: the snapshot interval; 0 = off)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')

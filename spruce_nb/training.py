@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .core import (get_device, seed_everything, save_checkpoint, load_checkpoint, CheckpointError,
-                            atomic_write, progress, is_tiny, _json_default)
+                            atomic_write, progress, is_tiny, _json_default, OutputDir)
 
 # %% auto #0
 __all__ = ['unwrap_module', 'EMA', 'ema_beta', 'resolve_amp', 'get_rng_state', 'set_rng_state', 'epoch_batches', 'config_diff',
@@ -530,6 +530,12 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool | str = False) -> list[dict]:
         "Train until `total_steps`; `resume=True` continues exactly from out_dir/last.pt ('auto': if it exists). Returns the history."
+        if self.out_dir is None or not self.is_main: return self._fit(resume)
+        with OutputDir(self.out_dir, self.kind) as od:            # the output policy: locked, and never over another command's files
+            od.claim(['last.pt', 'history.json', 'history.csv'], resume=True, adopt=(self.out_dir / 'last.pt').exists())
+            return self._fit(resume)
+
+    def _fit(self, resume):
         last = self.out_dir / 'last.pt' if self.out_dir is not None else None
         if resume == 'auto': resume = last is not None and last.exists()
         if resume:
