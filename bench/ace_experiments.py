@@ -8,7 +8,7 @@ Both add their block to nbs/data/ace_experiments.json (atomically); `samples` al
 import sys, json, time, argparse
 from pathlib import Path
 import torch
-from spruce_nb.core import atomic_write, seed_everything
+from spruce_nb.core import atomic_write, seed_everything, dump_json
 from spruce_nb.demo import ZOO_DIR
 from spruce_nb.data import dataset_from_spec, phantom_counterfactuals
 from spruce_nb.ace import ACE, ACEConfig, load_ddpm, pre_explanation, ace_mask, inpaint
@@ -20,7 +20,7 @@ def _update(path, key, block):
     p = Path(path)
     d = json.loads(p.read_text()) if p.exists() else {}
     d[key] = block
-    with atomic_write(p, overwrite=True, mode='w') as f: json.dump(d, f, indent=1)
+    with atomic_write(p, overwrite=True, mode='w') as f: dump_json(d, f, indent=1)
 
 def _ci(v):
     v = torch.as_tensor(v, dtype=torch.float64)

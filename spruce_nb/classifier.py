@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, to_unit, get_device, seed_everything, is_tiny,
-                            save_checkpoint, load_checkpoint, atomic_write, progress, add_data_args, OutputDir, positive_int)
+                            save_checkpoint, load_checkpoint, atomic_write, progress, add_data_args, OutputDir, positive_int, dump_json)
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXT_PRESETS', 'cli_commands', 'create_backbone', 'Classifier',
@@ -505,7 +505,7 @@ def evaluation_report(clf: Classifier, test_ds, out_dir: str | Path | None = Non
         fig = plot_confusion_matrix(m['confusion'], m['classes'], title=f"{clf.arch} {title} (n={m['n']}, acc {100 * m['accuracy']:.1f}%)")
         with atomic_write(out_dir / 'confusion.png', overwrite=True) as f: fig.savefig(f, format='png', dpi=120)
         plt.close(fig)
-        with atomic_write(out_dir / 'report.json', overwrite=True, mode='w') as f: json.dump(m, f, indent=1)
+        with atomic_write(out_dir / 'report.json', overwrite=True, mode='w') as f: dump_json(m, f, indent=1)
     return m
 
 def _train_args(p):

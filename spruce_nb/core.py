@@ -15,10 +15,10 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['OUTPUT_MARKER', 'OUTPUT_LOCK', 'CHECKPOINT_FORMAT', 'positive_int', 'nonneg_int', 'positive_float', 'to_unit',
-           'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config', 'current_umask',
-           'atomic_write', 'OutputDirError', 'OutputDir', 'state_sha256', 'file_sha256', 'save_checkpoint',
-           'CheckpointError', 'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images',
-           'save_image', 'CLICommand', 'add_data_args']
+           'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config', 'strict_json',
+           'dump_json', 'current_umask', 'atomic_write', 'OutputDirError', 'OutputDir', 'state_sha256', 'file_sha256',
+           'save_checkpoint', 'CheckpointError', 'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy',
+           'show_images', 'save_image', 'CLICommand', 'add_data_args']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -125,6 +125,22 @@ def _json_default(o):
     if isinstance(o, torch.device): return str(o)
     raise TypeError(f'Object of type {type(o).__name__} is not JSON serialisable')
 
+def strict_json(o):
+    "`o` with every NaN or ±inf float replaced by None: JSON has no such numbers (Python's `json.dump` writes invalid JSON for them)."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, Mapping): return {k: strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [strict_json(v) for v in o]
+    return o
+
+def _json_plain(o):
+    if isinstance(o, (torch.Tensor, np.ndarray)): return o.tolist()
+    if isinstance(o, torch.dtype): return str(o)
+    return _json_default(o)
+
+def dump_json(obj, f, default=None, **kw):
+    "`json.dump` that always writes valid JSON: tensors/arrays/paths converted, non-finite numbers written as null."
+    json.dump(strict_json(json.loads(json.dumps(obj, default=default or _json_plain))), f, allow_nan=False, **kw)
+
 # %% ../nbs/00_core.ipynb #be0f4e3e
 def current_umask() -> int:
     "The process umask (read without changing it for longer than a call)."
@@ -180,6 +196,7 @@ class OutputDir:
         p = self.path
         if p.is_symlink() and not p.exists(): raise OutputDirError(f"--out {p} is a dangling symbolic link; remove it or choose another directory.")
         if p.exists() and not p.is_dir(): raise OutputDirError(f"--out {p} is a file, not a directory; choose a directory (it is created if missing).")
+        self._made = not p.exists()
         try: p.mkdir(parents=True, exist_ok=True)
         except OSError as e: self._fail('create', e)
         lock = p / OUTPUT_LOCK
@@ -204,7 +221,10 @@ class OutputDir:
         return self
 
     def __exit__(self, *exc):
-        if self._locked and not self._nested: (self.path / OUTPUT_LOCK).unlink(missing_ok=True)
+        if self._locked and not self._nested:
+            (self.path / OUTPUT_LOCK).unlink(missing_ok=True)
+            if self._made and {q.name for q in self.path.iterdir()} <= {OUTPUT_MARKER}:   # a run that wrote nothing leaves nothing behind
+                (self.path / OUTPUT_MARKER).unlink(missing_ok=True); self.path.rmdir()
         self._locked = self._nested = False
         return False
 
@@ -241,9 +261,11 @@ class OutputDir:
             raise OutputDirError(f"{self.path / there[0]}{f' and {len(there) - 1} more file(s)' if len(there) > 1 else ''} exists from an earlier "
                                  f"`spruce {self.command}`; {hint}, or choose another --out.")
         from spruce_nb import __version__
-        rec.update({n: dict(command=self.command, version=__version__) for n in names})
+        new = {n: dict(command=self.command, version=__version__) for n in names}
+        if all(rec.get(n) == r for n, r in new.items()): return there          # nothing new: the record is left as it is
+        rec.update(new)
         try:
-            with atomic_write(self.path / OUTPUT_MARKER, overwrite=True, mode='w') as f: json.dump(dict(files=rec), f, indent=1, sort_keys=True)
+            with atomic_write(self.path / OUTPUT_MARKER, overwrite=True, mode='w') as f: dump_json(dict(files=rec), f, indent=1, sort_keys=True)
         except OSError as e: self._fail('write into', e)
         return there
 

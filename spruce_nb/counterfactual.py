@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image, OutputDir, positive_int
+from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image, OutputDir, positive_int, dump_json
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
@@ -295,7 +295,7 @@ class Explanation:
             if animate:
                 with atomic_write(out / f'{n}_path.gif', overwrite=overwrite) as f: self._gif(i, path[:, i], steps, f, 8.0, 4)
             rec = {**self.summary(i), **(records[i] if records is not None else {})}
-            with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: json.dump(rec, f, indent=1)   # last: marks the set complete
+            with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: dump_json(rec, f, indent=1)   # last: marks the set complete
         return files
 
 # %% ../nbs/10_counterfactual.ipynb #29a0977c

@@ -13,16 +13,16 @@ import torch
 from torch.utils.data import Dataset
 
 from .anatomy import N_ANATOMY_UNIFORMS, anatomy_params, render_anatomy, has_template, template_dir
-from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand, positive_int
+from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand, positive_int, dump_json
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
-           'IMAGE_EXTENSIONS', 'PREPROCESSING', 'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2',
-           'ORACLE_TOL_QUANTILE', 'phantom_seeds', 'phantom_modalities', 'marker_mask', 'spurious_markers',
-           'PhantomBatch', 'make_phantoms', 'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset',
-           'phantom_task', 'parse_phantom_task', 'dataset_from_spec', 'load_image', 'stratified_split',
-           'ImageFolderDataset', 'MedMNISTDataset', 'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle',
-           'load_oracle', 'fit_oracle']
+           'IMAGE_EXTENSIONS', 'PREPROCESSING', 'MAX_IMAGE_PIXELS', 'MAX_IMAGE_BYTES', 'SPLIT_FORMAT',
+           'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2', 'ORACLE_TOL_QUANTILE', 'phantom_seeds',
+           'phantom_modalities', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
+           'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
+           'dataset_from_spec', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
+           'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle', 'load_oracle', 'fit_oracle']
 
 # %% ../nbs/02_data.ipynb #085fc6ab
 PHANTOM_CLASSES = {  # modality -> all its classes (label 0 is the healthy class)
@@ -677,17 +677,30 @@ def dataset_from_spec(spec: str,            # 'phantoms:TASK', 'folder:PATH', 'm
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.dcm')
 PREPROCESSING = {'cxr': ('resize', 256), 'oct': ('center_crop', 256), 'mri': ('resize', 128)}  # thesis ch. 6
 
+MAX_IMAGE_PIXELS = 64 * 2 ** 20   # larger images are refused from their header, before decoding (a 10000² PNG is 95 MP, ~1.2 GB as float RGB)
+MAX_IMAGE_BYTES = 256 * 2 ** 20   # larger files are refused before they are opened
+
+def _check_pixels(path, w: int, h: int):
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"cannot read image {path}: {w}x{h} px ({w * h / 2 ** 20:.0f} MP) is more than spruce_nb decodes "
+                         f"({MAX_IMAGE_PIXELS / 2 ** 20:.0f} MP); downsample it first (the models work at 64-256 px), or raise spruce_nb.data.MAX_IMAGE_PIXELS.")
+
 def _read_array(path) -> np.ndarray:
-    "Decode an image file to float32 HxW (gray) or HxWx3 (RGB) in [0, 1]."
+    "Decode an image file to float32 HxW (gray) or HxWx3 (RGB) in [0, 1]; sizes are checked before decoding."
     path = Path(path)
+    nbytes = path.stat().st_size
+    if nbytes > MAX_IMAGE_BYTES:
+        raise ValueError(f"cannot read image {path}: {nbytes / 2 ** 20:.0f} MB is larger than spruce_nb reads ({MAX_IMAGE_BYTES / 2 ** 20:.0f} MB); "
+                         "downsample or re-encode it first, or raise spruce_nb.data.MAX_IMAGE_BYTES.")
     if path.suffix.lower() == '.dcm':
         try: import pydicom
         except ImportError: raise ValueError(f"cannot read {path}: DICOM needs pydicom (pip install pydicom), or convert the files to PNG.") from None
-        d = pydicom.dcmread(str(path)); a = d.pixel_array.astype(np.float32)
+        d = pydicom.dcmread(str(path)); _check_pixels(path, int(d.Columns), int(d.Rows)); a = d.pixel_array.astype(np.float32)
         a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
         return 1 - a if getattr(d, 'PhotometricInterpretation', '') == 'MONOCHROME1' else a
     from PIL import Image
     with Image.open(path) as im:
+        _check_pixels(path, *im.size)
         im.load()
         if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N'): return np.asarray(im, dtype=np.float32) / 65535.
         if im.mode in ('I', 'F'):
@@ -702,7 +715,9 @@ def load_image(path,                     # image file (PNG/JPEG/BMP/TIFF, 8 or 1
               ) -> torch.Tensor:
     "Read one image as float RGB [3,H,W] in [-1, 1], with a clear error naming the file if it cannot be read."
     try: a = _read_array(path)
-    except ValueError: raise
+    except ValueError as e:
+        if str(path) in str(e): raise
+        raise ValueError(f"cannot read image {path}: {e}. Replace or delete the file.") from None   # e.g. PIL's decompression-bomb text chunk
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace or delete the file, "
                          f"or load the folder with on_error='skip' to skip unreadable files.") from None
@@ -817,7 +832,7 @@ class ImageFolderDataset(Dataset):
             d = dict(format=SPLIT_FORMAT, seed=seed, fractions=list(fractions), classes=list(self.classes),
                      splits={k: [rel[i] for i in v] for k, v in sp.items()})
             try:
-                with atomic_write(path, mode='w') as f: json.dump(d, f, indent=1)
+                with atomic_write(path, mode='w') as f: dump_json(d, f, indent=1)
                 self.split_file = path
             except OSError as e: warnings.warn(f"could not save the split file {path} ({e}); the split is kept in memory only.")
         return sp

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import spruce_nb
-from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__, OutputDir
+from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__, OutputDir, dump_json
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'cli_commands', 'zoo_manifest', 'check_zoo_file', 'ensure_models',
@@ -212,7 +212,7 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
                 counterfactual_config=first.config.to_dict(), lpips=lpips_info(cfg.lpips_net),
                 oracle_ctr_mae=float(oracle.error.get('ctr', float('nan'))) if isinstance(oracle.error, dict) else None,
                 results=rows, seconds=round(time.time() - t0, 1))
-    with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: json.dump(info, f, indent=1, default=str)
+    with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: dump_json(info, f, indent=1, default=str)
     md = _report_markdown(rows, info)
     with atomic_write(out / 'report.md', overwrite=True, mode='w') as f: f.write(md)
     print(md)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .counterfactual import explanation_options, explainer_from_args
 from .core import (CLICommand, Config, atomic_write, OutputDir, get_device, progress, seed_everything, state_sha256,
-                            file_sha256, image_to_numpy, is_tiny, check_images, positive_int)
+                            file_sha256, image_to_numpy, is_tiny, check_images, positive_int, dump_json)
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS', 'GT_COLUMNS', 'cli_commands',
@@ -360,8 +360,12 @@ def _load_batches(out: Path, nb: int | None):
     files = sorted((out / 'batches').glob('batch_*.pt')) if nb is None else [_batch_file(out, b) for b in range(nb)]
     rows, feats, imgs = [], {}, {}
     for f in files:
-        d = torch.load(f, weights_only=True, map_location='cpu')
-        rows += d['rows']
+        try:
+            d = torch.load(f, weights_only=True, map_location='cpu')
+            rows += d['rows']
+        except Exception as e:
+            raise ValueError(f"{f} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and run the same command "
+                             "again: that batch alone is recomputed.") from None
         for k, v in d['features'].items(): feats.setdefault(k, []).append(v)
         for k, v in d['images'].items(): imgs.setdefault(k, []).append(v)
     return rows, {k: torch.cat(v) for k, v in feats.items()}, {k: torch.cat(v) for k, v in imgs.items()}
@@ -394,8 +398,8 @@ def _grow_run(out: Path, fp: dict, sel: dict, old_n: int, batch_size: int):
         if int(f.stem.split('_')[1]) >= keep: f.unlink()
     for name in _OUTPUTS:                          # the tables are rewritten when all images are done; the oracle is kept
         if name not in ('fingerprint.json', 'oracle.pt'): (out / name).unlink(missing_ok=True)
-    with atomic_write(sf, mode='w') as f: json.dump(sel, f)
-    with atomic_write(out / 'fingerprint.json', overwrite=True, mode='w') as f: json.dump(_plain(fp), f, indent=1, sort_keys=True)
+    with atomic_write(sf, mode='w') as f: dump_json(sel, f)
+    with atomic_write(out / 'fingerprint.json', overwrite=True, mode='w') as f: dump_json(_plain(fp), f, indent=1, sort_keys=True)
     print(f"{out}: extending the evaluation from N = {old_n} to N = {len(sel['indices'])} ({keep} finished batch(es) kept; "
           "the table is rewritten when all images are done).")
 
@@ -478,12 +482,12 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
         elif diff: raise ValueError(f"{out} holds an evaluation with different settings ({', '.join(diff)}); it cannot be continued with these. "
                                   "Choose another --out, or pass --overwrite (overwrite=True) to start again.")
     else:
-        with atomic_write(fpf, mode='w') as f: json.dump(_plain(fp), f, indent=1, sort_keys=True)
+        with atomic_write(fpf, mode='w') as f: dump_json(_plain(fp), f, indent=1, sort_keys=True)
     self_f = out / 'selection.json'
     if self_f.exists(): sel = json.loads(self_f.read_text())
     else:
         sel = select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed)
-        with atomic_write(self_f, mode='w') as f: json.dump(sel, f)
+        with atomic_write(self_f, mode='w') as f: dump_json(sel, f)
     orc, orc_src = _get_oracle(ds, oracle, out, cfg)
     idx = sel['indices']
     nb = math.ceil(len(idx) / cfg.batch_size)
@@ -539,7 +543,7 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
                   versions=dict(spruce_nb=spruce_nb.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
                                 platform=platform.platform()),
                   device=str(spruce.device), command=command, seconds_this_call=round(time.time() - t0, 2), batches_computed_this_call=computed)
-    with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: json.dump(_plain(report), f, indent=1)
+    with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: dump_json(_plain(report), f, indent=1)
     if layout == 'dime': export_dime_layout(out)
     return EvaluationResult(out, True, rows, summary, report, computed, md_text)
 

@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, save_checkpoint,
-                            load_checkpoint, to_unit, atomic_write, progress)
+                            load_checkpoint, to_unit, atomic_write, progress, dump_json)
 from .e4e import invert, synthesize, reconstruction_metrics, load_encoder, generator_identity
 
 # %% auto #0
@@ -443,7 +443,7 @@ def _pti_run(args) -> int:
     rec0, rec1 = synthesize(G, res.ws).cpu(), res.reconstructions().cpu()
     m = {'pivot': reconstruction_metrics(rec0, images.cpu()), 'pti': reconstruction_metrics(rec1, images.cpu()),
          'steps': res.steps.tolist(), 'config': cfg.to_dict()}
-    with atomic_write(out / 'metrics.json', overwrite=True, mode='w') as f: json.dump(m, f, indent=2)
+    with atomic_write(out / 'metrics.json', overwrite=True, mode='w') as f: dump_json(m, f, indent=2)
     fig = plot_inversions(images.cpu(), rec0, rec1, n=min(4, len(images)))
     with atomic_write(out / 'inversions.png', overwrite=True) as f: fig.savefig(f, format='png', dpi=120)
     print(f"pivot ({cfg.pivot}): MSE {m['pivot']['mse']:.4g} LPIPS {m['pivot']['lpips']:.4g} | PTI: MSE {m['pti']['mse']:.4g} LPIPS {m['pti']['lpips']:.4g}  -> {out}")

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, atomic_write,
-                            save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int)
+                            save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int, dump_json)
 
 # %% auto #0
 __all__ = ['CONFIGS', 'cli_commands', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample2d', 'conv2d_resample', 'bias_act',
@@ -946,7 +946,7 @@ def _train_gan(args) -> int:
           + ', '.join(f'{k}={v:.4g}' for k, v in last.items() if isinstance(v, float)))
     if 'ada' in tr.state:   # ADA's p and r_t per adjustment, for spruce_nb.augment.plot_ada_history
         ada = tr.state['ada']
-        with atomic_write(Path(args.out) / 'ada_history.json', overwrite=True, mode='w') as f: json.dump(ada['history'], f)
+        with atomic_write(Path(args.out) / 'ada_history.json', overwrite=True, mode='w') as f: dump_json(ada['history'], f)
         print(f"ADA: p = {ada['p']:.3f}, last r_t = {ada['history']['rt'][-1] if ada['history']['rt'] else float('nan'):.3f} ({Path(args.out) / 'ada_history.json'})")
     print(f"generator: {Path(args.out) / 'G_ema.pt'} (spruce_nb.stylegan2.load_generator); samples: {Path(args.out) / 'fakes_latest.png'}")
     return 0

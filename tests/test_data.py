@@ -244,3 +244,16 @@ def test_phantom_folder_cleans_a_killed_runs_temp_and_respects_umask(tmp_path):
     assert not stale.exists() and foreign.exists()
     assert (out.stat().st_mode & 0o777) == 0o750 and not (out / '.spruce_phantoms_tmp').exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.ph.someone', 'ph']
+
+def test_image_limits_are_checked_before_decoding(tmp_path, monkeypatch):
+    import spruce_nb.data as D
+    from PIL import Image, PngImagePlugin
+    f = tmp_path / 'big.png'; Image.new('L', (64, 48)).save(f)
+    monkeypatch.setattr(D, 'MAX_IMAGE_PIXELS', 1000)
+    with pytest.raises(ValueError, match=r'big\.png: 64x48 px'): load_image(f)
+    monkeypatch.setattr(D, 'MAX_IMAGE_PIXELS', 64 * 2 ** 20); monkeypatch.setattr(D, 'MAX_IMAGE_BYTES', 10)
+    with pytest.raises(ValueError, match=r'big\.png: .*MB is larger'): load_image(f)
+    monkeypatch.setattr(D, 'MAX_IMAGE_BYTES', 256 * 2 ** 20)
+    info = PngImagePlugin.PngInfo(); info.add_text('comment', 'a' * (4 * 2 ** 20), zip=True)   # a decompression bomb in a text chunk
+    bomb = tmp_path / 'bomb.png'; Image.new('L', (8, 8)).save(bomb, pnginfo=info)
+    with pytest.raises(ValueError, match=r'bomb\.png'): load_image(bomb)

@@ -97,3 +97,15 @@ def test_numbers_are_refused_before_any_work(argv, flag, tmp_path, capsys):
     assert main([*argv, '--out', str(out / 'gmms.pt' if argv[0] == 'fit-gmms' else out)]) == 2
     err = capsys.readouterr().err
     assert f'argument {flag}' in err and not out.exists(), err
+
+def test_a_damaged_batch_file_is_named_with_the_fix(md, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert _evaluate(md, out) == 0
+    bf = sorted((out / 'batches').glob('batch_*.pt'))[0]
+    bf.write_bytes(b'not a torch file')
+    assert _evaluate(md, out) == 2
+    err = capsys.readouterr().err
+    assert bf.name in err and 'delete it' in err
+    bf.unlink()
+    assert _evaluate(md, out) == 0                                     # that batch alone is recomputed
+    assert json.loads((out / 'report.json').read_text())['n_evaluated'] == 2

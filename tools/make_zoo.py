@@ -5,7 +5,8 @@ spruce_nb/zoo/manifest.json.
 Usage: python tools/make_zoo.py SPEC.json
 SPEC.json: {"entry": "cxr64", "task": ..., "resolution": 64,
             "files": {"classifier.pt": {"source": PATH, "command": "...", "quick_command": "...", "output": "classifier.pt",
-                                        "metrics": {...}, "commit": optional (default: the newest commit older than the file)},
+                                        "metrics": {...}, "commit": optional (default: the newest commit older than the file),
+                                        "module": optional (a notebook after the demo's whose module declares the command, e.g. "ace")},
                       "gmms.pt": {"keep": true},   # unchanged: keep the file and its manifest record (its sha256 is checked)
                       ...}}
 Files of the entry that the spec does not name are removed from the entry's manifest (and the folder).
@@ -46,7 +47,8 @@ def main(spec_path):
             dst.write_bytes(src.read_bytes())
         files[name] = dict(sha256=file_sha256(dst), bytes=dst.stat().st_size, kind=load_checkpoint(dst).kind,
                            command=f['command'], quick_command=f['quick_command'], output=f['output'],
-                           commit=f.get('commit') or trained_at(src), metrics=f.get('metrics', {}))
+                           commit=f.get('commit') or trained_at(src), metrics=f.get('metrics', {}),
+                           **({'module': f['module']} if 'module' in f else {}))   # a later notebook's file: its module declares the command
         print(f'{name}: {files[name]["bytes"] / 1e6:.2f} MB sha256 {files[name]["sha256"][:12]}')
     for name in set(old) - set(files):
         (out / name).unlink(missing_ok=True); print(f'{name}: removed')
