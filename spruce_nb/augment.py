@@ -597,6 +597,16 @@ def nvlabs_discriminator_kwargs(kw: Mapping) -> dict:
                 mbstd_group_size=ek.get('mbstd_group_size', 4), mbstd_num_channels=int(ek.get('mbstd_num_channels', 1)),
                 architecture=kw.get('architecture', 'resnet')), int(bk.get('freeze_layers', 0) or 0)
 
+def _check_before_building(cls, kw: dict, state: Mapping, what: str):
+    "Build the network the stored kwargs describe on the meta device (no memory) and refuse before building it for real if the file's tensors are not exactly its tensors."
+    with torch.device('meta'): want = {k: tuple(v.shape) for k, v in cls(**kw).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in map_nvlabs_names(state).items()}
+    if want != have:
+        nw, nh = sum(math.prod(s) for s in want.values()), sum(math.prod(s) for s in have.values())
+        raise ValueError(f"{what}: the stored init kwargs describe a network of {nw:,} values but the file holds {nh:,} "
+                         f"({len(set(want) ^ set(have))} tensor names and {sum(want[k] != have[k] for k in set(want) & set(have))} shapes differ): "
+                         "a truncated or crafted snapshot. Nothing was built; use the original network-snapshot-*.pkl.")
+
 def load_nvlabs_pickle(path: str | Path,   # network-snapshot-*.pkl from NVlabs stylegan2-ada-pytorch
                        device='cpu',
                       ) -> dict:
@@ -609,6 +619,10 @@ def load_nvlabs_pickle(path: str | Path,   # network-snapshot-*.pkl from NVlabs 
     for name in ('G', 'G_ema'):
         kw = nvlabs_generator_kwargs(snap.kwargs(name))
         if kw != gkw: raise ValueError(f"{path}: G and G_ema have different architectures ({gkw} vs {kw}).")
+        _check_before_building(Generator, kw, snap.state(name), f"{path} [{name}]")
+    _check_before_building(Discriminator, dkw, snap.state('D'), f"{path} [D]")   # all three checked before any memory is spent
+    for name in ('G', 'G_ema'):
+        kw = gkw
         out[name] = load_state_strict(Generator(**kw), map_nvlabs_names(snap.state(name)), f"{path} [{name}]").to(device).eval()
     out['D'] = load_state_strict(Discriminator(**dkw), map_nvlabs_names(snap.state('D')), f"{path} [D]").to(device).eval()
     return out

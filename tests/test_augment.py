@@ -384,3 +384,20 @@ def test_cli_train_gan_resume_from_nvlabs_pickle_with_freeze_d(tmp_path, capsys)
         assert torch.equal(d1[k], d0[k]), k                                  # frozen: exactly the pickle's weights
     assert not torch.equal(d1['b32.conv1.weight'], d0['b32.conv1.weight'])  # trained
     assert (d1['b32.conv1.weight'] - d0['b32.conv1.weight']).abs().max() < 0.1   # ... starting from the pickle's D
+
+
+def test_crafted_snapshot_is_refused_before_any_network_is_built(tmp_path):
+    "A small file whose stored init kwargs describe a 1024-px network: refused from the meta-device shapes, no memory spent."
+    import resource
+    sg2 = pytest.importorskip('spruce_nb.stylegan2')
+    G, D, gkw = _sg2_pickle(tmp_path, sg2)
+    big = {**gkw, 'img_resolution': 1024, 'z_dim': 512, 'w_dim': 512, 'mapping_kwargs': dict(num_layers=8),
+           'synthesis_kwargs': dict(channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=None)}
+    dkw = dict(c_dim=0, img_resolution=16, channel_base=128, channel_max=16, epilogue_kwargs=dict(mbstd_group_size=4))
+    _write(tmp_path / 'crafted.pkl', dict(G=G, D=D, G_ema=G, augment_pipe=None),
+           dict(G=('Generator', big), D=('Discriminator', dkw), G_ema=('Generator', big)), _payload(tmp_path / 'PWNED'))
+    with torch.device('meta'): sg2.Generator(**nvlabs_generator_kwargs(gkw))   # the meta device's one-time set-up (~150 MB) before measuring
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match='truncated or crafted'): load_nvlabs_pickle(tmp_path / 'crafted.pkl')
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 60_000      # kB: a real 1024-px G alone would take ~100 MB
+    assert not (tmp_path / 'PWNED').exists()
