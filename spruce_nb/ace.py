@@ -16,7 +16,7 @@ from torch import nn
 from .core import (CLICommand, Config, check_images, get_device, progress, save_checkpoint, load_checkpoint, CheckpointError,
                    state_sha256, seed_everything, atomic_write, is_tiny, positive_int)
 from .training import Trainer, EMA, ema_beta
-from .counterfactual import Explanation, _class_index, register_explainer
+from .counterfactual import Explanation, _class_index, register_explainer, warn_unit_range
 
 # %% auto #0
 __all__ = ['cli_commands', 'DDPMConfig', 'DDPM', 'ddpm_step', 'make_ddpm_trainer', 'save_ddpm', 'load_ddpm', 'train_ddpm',
@@ -348,6 +348,7 @@ class ACE:
 
     def _prepare(self, images):
         images = check_images(images, name='images')
+        warn_unit_range(images)
         if tuple(images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(images.shape[-2:])} px but the models work at {self.resolution} px; "
                              f"resize first, e.g. F.interpolate(x, size={self.resolution}, mode='bilinear', antialias=True).")

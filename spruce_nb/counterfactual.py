@@ -18,8 +18,8 @@ from .core import CLICommand, Config, check_images, get_device, progress, to_uni
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
-           'Trajectory', 'optimise_latents', 'Explanation', 'Inversion', 'Spruce', 'explanation_options',
-           'register_explainer', 'explainer_from_args']
+           'Trajectory', 'optimise_latents', 'Explanation', 'warn_unit_range', 'Inversion', 'Spruce',
+           'explanation_options', 'register_explainer', 'explainer_from_args']
 
 # %% ../nbs/10_counterfactual.ipynb #1c454653
 @dataclass
@@ -299,12 +299,19 @@ class Explanation:
         return files
 
 # %% ../nbs/10_counterfactual.ipynb #29a0977c
+def warn_unit_range(images: torch.Tensor, name: str = 'images'):
+    "Warn when a whole batch lies in [0, 1]: most likely images that were not mapped to spruce_nb's [-1, 1] (an explanation of them is meaningless)."
+    if images.numel() and float(images.min()) >= 0 and float(images.max()) <= 1 and float(images.max()) > 0:
+        warnings.warn(f"{name}: every value lies in [0, 1]; spruce_nb expects [-1, 1] (black = -1). If these are [0, 1] images, pass from_unit(x) (= 2x - 1).")
+
 def _class_index(target, classes: Sequence[str], n: int, device) -> torch.Tensor:
     "Target given as an int, a class name, or a sequence of those → LongTensor [n]."
     def one(t):
         if isinstance(t, str):
             if t not in classes: raise ValueError(f"unknown class {t!r}; the classifier's classes are {list(classes)}.")
             return classes.index(t)
+        if isinstance(t, bool) or not float(t).is_integer():
+            raise ValueError(f"target {t!r}: give a class name {list(classes)} or a whole class index 0..{len(classes) - 1}.")
         t = int(t)
         if not 0 <= t < len(classes): raise ValueError(f"target class index {t} out of range for classes {list(classes)}.")
         return t
@@ -391,6 +398,7 @@ class Spruce:
 
     def _prepare(self, images):
         images = check_images(images, name='images')
+        warn_unit_range(images)
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
             raise ValueError(f"images are {tuple(images.shape[-2:])} px but the models work at {self.resolution} px; "
                              f"resize first, e.g. F.interpolate(x, size={self.resolution}, mode='bilinear', antialias=True).")
