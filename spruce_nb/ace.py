@@ -16,7 +16,7 @@ from torch import nn
 from .core import (CLICommand, Config, check_images, get_device, progress, save_checkpoint, load_checkpoint, CheckpointError,
                    state_sha256, seed_everything, atomic_write, is_tiny, positive_int)
 from .training import Trainer, EMA, ema_beta
-from .counterfactual import Explanation, _class_index, register_explainer, warn_unit_range
+from .counterfactual import Explanation, resolve_targets, register_explainer, warn_unit_range
 
 # %% auto #0
 __all__ = ['cli_commands', 'DDPMConfig', 'DDPM', 'ddpm_step', 'make_ddpm_trainer', 'save_ddpm', 'load_ddpm', 'train_ddpm',
@@ -365,13 +365,7 @@ class ACE:
         N, clf, cfg = len(images), self.classifier, self.config
         with torch.no_grad(): p0 = clf(images).float().softmax(-1)
         source = p0.argmax(-1)
-        tgt = p0.topk(2, dim=-1).indices[:, 1] if target is None else _class_index(target, self.classes, N, self.device)
-        if true_label is not None:
-            y = torch.as_tensor(true_label, device=self.device).long().reshape(-1)
-            tgt = torch.where(source != y, y, tgt)
-        same = (tgt == source).nonzero().flatten().tolist()
-        if same: raise ValueError(f"image(s) {same} are already predicted as their target class {[self.classes[int(tgt[i])] for i in same]}: "
-                                  "a counterfactual needs a different class. Pick another target, or pass true_label= for misclassified images.")
+        tgt = resolve_targets(source, target, self.classes, true_label, default=p0.topk(2, dim=-1).indices[:, 1])   # ACE: the other class
         pre = pre_explanation(self.ddpm, clf, images, tgt, cfg, generator, show_progress)
         pe = pre['pe']
         with torch.no_grad():

@@ -18,7 +18,7 @@ from .core import CLICommand, Config, check_images, get_device, progress, to_uni
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
-           'Trajectory', 'optimise_latents', 'Explanation', 'warn_unit_range', 'Inversion', 'Spruce',
+           'Trajectory', 'optimise_latents', 'Explanation', 'warn_unit_range', 'Inversion', 'Spruce', 'resolve_targets',
            'explanation_options', 'register_explainer', 'explainer_from_args']
 
 # %% ../nbs/10_counterfactual.ipynb #1c454653
@@ -431,15 +431,8 @@ class Spruce:
             x = clf.features(images); logits = clf.head(x)
         source = logits.argmax(-1)
         from spruce_nb.piece import exceptional_features, choose_target
-        if target is None: tgt = choose_target(x, clf.head, rule=self.target_rule, true_label=true_label)
-        else:
-            tgt = _class_index(target, self.classes, N, self.device)
-            if true_label is not None:
-                y = torch.as_tensor(true_label, device=self.device).long().reshape(-1)
-                tgt = torch.where(source != y, y, tgt)
-        same = (tgt == source).nonzero().flatten().tolist()
-        if same: raise ValueError(f"image(s) {same} are already predicted as their target class {[self.classes[int(tgt[i])] for i in same]}: "
-                                  "a counterfactual needs a different class. Pick another target, or pass true_label= for misclassified images.")
+        tgt = resolve_targets(source, target, self.classes, true_label,
+                              default=choose_target(x, clf.head, rule=self.target_rule, true_label=true_label) if target is None else None)
         exc = exceptional_features(x, tgt, self.gmms, weight=clf.head, t=self.config.threshold)
         if inversion is None: inversion = self.invert(images)
         elif inversion.images.shape != images.shape or not torch.equal(inversion.images, images):
@@ -459,6 +452,24 @@ class Spruce:
                            source=source.cpu(), target=tgt.cpu(), probs=traj.probs, classes=self.classes, status=traj.status,
                            ws_pivot=ws_p.cpu(), ws=traj.ws.cpu(), changed_features=exc.mask.cpu(), config=self.config.to_dict(),
                            ws_path=traj.ws_path, render=render)
+
+def resolve_targets(source: torch.Tensor,   # [N] predicted classes of the queries
+                    target,                 # class name/index, one or per image; None: `default`
+                    classes: Sequence[str],
+                    true_label=None,        # [N] true labels: misclassified images take their label as target (PIECE, ACE)
+                    default: torch.Tensor | None = None, # [N] targets when `target` is None (each method's own rule)
+                   ) -> torch.Tensor:
+    "The target class of every query, shared by every explainer; refuses, before any work, images already predicted as their target."
+    tgt = default if target is None else _class_index(target, classes, len(source), source.device)
+    if tgt is None: raise ValueError("no target: pass target= (a class name or index), or a default rule.")
+    if true_label is not None:
+        y = torch.as_tensor(true_label, device=source.device).long().reshape(-1)
+        tgt = torch.where(source != y, y, tgt)
+    same = (tgt == source).nonzero().flatten().tolist()
+    if same: raise ValueError(f"image(s) {same} are already predicted as their target class {[classes[int(tgt[i])] for i in same]}: "
+                              "a counterfactual needs a different class. Pick another target, or pass true_label= for misclassified images.")
+    return tgt
+
 
 # %% ../nbs/10_counterfactual.ipynb #5679c231
 def explanation_options(p):
