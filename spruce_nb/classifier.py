@@ -781,6 +781,7 @@ class WrappedClassifier(Classifier):
         nn.Module.__init__(self)
         if not isinstance(model, nn.Module): raise TypeError(f"Classifier.wrap needs an nn.Module, got {type(model).__name__}.")
         self.model = model
+        self.training = model.training                         # wrapping never changes the model's train/eval mode
         self.head_name = _find_head(model, head)
         K = self.head.out_features
         if K < 2: raise ValueError(f"the head {self.head_name!r} has {K} output; SPRUCE explains classifiers with at least 2 classes (logits, one per class).")
@@ -837,7 +838,8 @@ class WrappedClassifier(Classifier):
     @torch.no_grad()
     def check(self, n: int = 2) -> 'WrappedClassifier':
         "One dummy batch at the declared size and channels: raise unless the model runs and its own output is exactly head(features)."
-        was = self.training; self.eval()
+        modes = [(m, m.training) for m in self.modules()]     # restored exactly afterwards (also mixed modes, e.g. frozen BatchNorm)
+        self.eval()
         p = next(self.model.parameters(), None)
         x = torch.rand(n, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
         if p is not None: x = x.to(p.device, p.dtype if p.is_floating_point() else torch.float32)
@@ -849,7 +851,9 @@ class WrappedClassifier(Classifier):
                 raise ValueError(f"{what} fails on a dummy batch of {n} images at the declared size and channels, input shape [{n}, {self.in_chans}, {self.image_size}, {self.image_size}] "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Pass the image_size and in_chans the model was built for "
                                  f"(Classifier.wrap(model, image_size=..., in_chans=1 for a grayscale model)).") from None
-        finally: hk.remove(); self.train(was)
+        finally:
+            hk.remove()
+            for m, t in modes: m.training = t
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{what} returns a {type(out).__name__}, not a logits tensor [N, K]; wrap a module whose forward returns the logits.")
         if not calls: raise ValueError(f"the head {name!r} is never called by {what}'s forward, so it cannot be S. Its linear layers are {_linear_names(self.model)[-6:]}; name the one that produces the logits.")

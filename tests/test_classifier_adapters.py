@@ -49,6 +49,22 @@ def test_round_trip_identical_logits_and_identity(name, tmp_path):
     raw = torch.load(p, weights_only=True)                                # plain data + tensors: no pickled module
     assert set(raw['state']) == {'model', 'adapter'} and isinstance(raw['state']['adapter'], dict)
 
+@pytest.mark.parametrize('arch,head', [('densenet121', 'classifier'), ('efficientnet_b0', 'classifier.1'), ('convnext_tiny', 'classifier.2')])
+def test_torchvision_families(arch, head, tmp_path):
+    m = torchvision.models.get_model(arch, weights=None, num_classes=2).eval()
+    w = Classifier.wrap(m, head=head, image_size=S, spec={'library': 'torchvision', 'arch': arch, 'kwargs': {'num_classes': 2}})
+    assert Classifier.wrap(m, image_size=S).head_name == head             # the default finds it too (the last nn.Linear)
+    save_classifier(w, tmp_path / 'a.pt')
+    x = _x(1)                                                             # batch of 1: BatchNorm must be in eval mode
+    assert torch.equal(load_classifier(tmp_path / 'a.pt', device='cpu')(x), w(x))
+
+def test_wrapping_keeps_the_models_modes():
+    m = _tv().eval()
+    assert not Classifier.wrap(m, image_size=S, spec=TV).training and not any(x.training for x in m.modules())
+    m.train(); m.layer1[0].bn1.eval()                                     # mixed modes, e.g. a frozen BatchNorm
+    w = Classifier.wrap(m, image_size=S, spec=TV)
+    assert w.training and m.training and not m.layer1[0].bn1.training and m.layer2[0].bn1.training
+
 def test_logits_are_the_models_own_on_normalised_pixels():
     m = _tv().eval(); w = Classifier.wrap(m, head='fc', image_size=S, spec=TV)
     x = _x()
