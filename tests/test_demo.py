@@ -78,3 +78,14 @@ def test_zoo_disc_consistency_models_match_manifest_and_classifiers():
         ok, why = check_zoo_file('cxr64', n, man); assert ok, why
         clf = shlex.split(files[n]['command'])[shlex.split(files[n]['command']).index('--model') + 1].replace('{models}/', '')
         ManifoldConsistency.load(ZOO_DIR / 'cxr64' / n, classifier=load_classifier(ZOO_DIR / 'cxr64' / clf, device='cpu'))
+
+def test_zoo_ddpm_matches_manifest_and_the_classifiers_domain():
+    "ACE's DDPM in the zoo: hash as recorded, 64 px, trained on the cxr phantoms the zoo's classifiers were trained on."
+    from spruce_nb.demo import ZOO_DIR
+    from spruce_nb.classifier import load_classifier
+    from spruce_nb.ace import ACE, load_ddpm
+    ok, why = check_zoo_file('cxr64', 'ddpm.pt'); assert ok, why
+    ddpm = load_ddpm(ZOO_DIR / 'cxr64' / 'ddpm.pt', device='cpu')
+    assert ddpm.resolution == 64 and ddpm.data == 'phantoms:cxr:cardiomegaly-vs-normal'
+    for clf in ('classifier.pt', 'classifier_trades2.pt'):
+        ACE(load_classifier(ZOO_DIR / 'cxr64' / clf, device='cpu'), ddpm, device='cpu')   # the same image domain: accepted
