@@ -16,14 +16,25 @@ SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf', 'sf
 PAIRED = ['flipped', 'confidence', 'l1', 'in_mask', 'edit_cos']   # per image, for paired comparisons between runs
 
 
+def mean_ci(v) -> dict | None:
+    "Mean with a normal-approximation 95 % interval (1.96·s/√n); None below two values."
+    return dict(mean=statistics.fmean(v), ci95=1.96 * statistics.stdev(v) / math.sqrt(len(v)), n=len(v)) if len(v) >= 2 else None
+
+
+def per_image_stats(rows: list, columns=COLUMNS) -> dict:
+    "mean_ci of every column of a run's per_image.csv rows (crossing steps of images that never crossed left out)."
+    stats = {}
+    for k in columns:
+        v = [float(r[k]) for r in rows if r.get(k) not in (None, '')]
+        if k == 'crossing_step': v = [x for x in v if x >= 0]
+        if mean_ci(v): stats[k] = mean_ci(v)
+    return stats
+
+
 def collect(run: Path) -> dict:
     rep = json.loads((run / 'report.json').read_text())
     rows = list(csv.DictReader(open(run / 'per_image.csv')))
-    stats = {}
-    for k in COLUMNS:
-        v = [float(r[k]) for r in rows if r.get(k) not in (None, '')]
-        if k == 'crossing_step': v = [x for x in v if x >= 0]
-        if len(v) >= 2: stats[k] = dict(mean=statistics.fmean(v), ci95=1.96 * statistics.stdev(v) / math.sqrt(len(v)), n=len(v))
+    stats = per_image_stats(rows)
     fp = rep['fingerprint']
     return dict(label=fp['label'], command=rep['command'], n=rep['n_evaluated'], extractor=rep['extractor'],
                 lpips_trunk=rep['lpips']['trunk'], use_pti=fp['use_pti'], counterfactual=fp['counterfactual'],

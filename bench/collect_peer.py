@@ -1,23 +1,22 @@
-"""Collect DISC's `spruce evaluate --method disc` runs into nbs/data/eval_cxr64_disc.json, with DISC's own metrics and its speed.
+"""Collect peer-method runs (`spruce evaluate --method disc|ace`) into one JSON, with DISC's own metrics and each method's speed.
 
-    python bench/collect_disc.py /work/scratch/runs_disc/plain /work/scratch/runs_disc/trades2 --out nbs/data/eval_cxr64_disc.json
+    python bench/collect_peer.py /work/scratch/runs_disc/plain /work/scratch/runs_disc/trades2 --out nbs/data/eval_cxr64_disc.json --time
+    python bench/collect_peer.py /work/scratch/runs_ace/plain /work/scratch/runs_ace/trades2 --out nbs/data/eval_cxr64_ace.json --time
 
 Per run: the command, N, every per-image column of the harness as mean ± 95 % interval (1.96·s/√n), the set-level rows (FID, KID, ...),
 and DISC's Δlog-odds = logit p_t(x') − logit p_t(x) (the originals re-read from the run's data and selection, scored by the run's classifier).
 `--time` adds seconds per counterfactual: one batch of 16 of the same phantoms explained with the run's settings on one CPU thread.
 """
-import argparse, csv, json, math, shlex, statistics, time
+import argparse, csv, json, shlex, sys, time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+from collect_eval import mean_ci as _stat, per_image_stats     # one implementation of the per-image statistics
 
 COLUMNS = ['flipped', 'confidence', 'l1', 'mse', 'concentration', 'lpips', 'recon_mse', 'in_mask', 'edit_cos', 'leak', 'oracle_flip',
            'oracle_d_ctr', 'true_d_ctr', 'crossing_step', 'cout', 's3_effnet', 'mnac', 'identity_preserved', 'l1_nearest_target', 'below_nearest']
 SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf', 'sfid', 'cd')
-
-
-def _stat(v):
-    return dict(mean=statistics.fmean(v), ci95=1.96 * statistics.stdev(v) / math.sqrt(len(v)), n=len(v)) if len(v) >= 2 else None
 
 
 def _classifier_of(command: str) -> str:
@@ -31,12 +30,7 @@ def collect(run: Path, model_dir: Path, timing: bool) -> dict:
     from spruce_nb.metrics import log_odds
     rep = json.loads((run / 'report.json').read_text())
     rows = list(csv.DictReader(open(run / 'per_image.csv')))
-    stats = {}
-    for k in COLUMNS:
-        v = [float(r[k]) for r in rows if r.get(k) not in (None, '')]
-        if k == 'crossing_step': v = [x for x in v if x >= 0]
-        s = _stat(v)
-        if s: stats[k] = s
+    stats = per_image_stats(rows, COLUMNS)
     fp, prot = rep['fingerprint'], rep['fingerprint']['protocol']
     clf_name = _classifier_of(rep['command'])
     clf = load_classifier(model_dir / clf_name, device='cpu').eval()
@@ -50,17 +44,21 @@ def collect(run: Path, model_dir: Path, timing: bool) -> dict:
     stats['delta_log_odds'] = _stat(dlo)
     out = dict(label=fp['label'], command=rep['command'], n=rep['n_evaluated'], classifier=clf_name, extractor=rep['extractor'],
                describe=next((l for l in (run / 'summary.md').read_text().splitlines() if l.startswith('- explainer:')), ''),
-               disc=fp.get('disc'), models=fp.get('models'), set_level=[{k: v for k, v in r.items() if k in SET_LEVEL} for r in rep['summary']],
+               disc=fp.get('disc'), ace=fp.get('ace'), models=fp.get('models'), set_level=[{k: v for k, v in r.items() if k in SET_LEVEL} for r in rep['summary']],
                per_image=stats, status={s: sum(r['status'] == s for r in rows) for s in sorted({r['status'] for r in rows})},
                seconds_last_call=rep['seconds_this_call'])
     if timing:
-        from spruce_nb.disc import DISC, DISCConfig
         torch.set_num_threads(1)
-        d = DISC.from_dir(model_dir, classifier=clf_name, consistency='duq', device='cpu', config=DISCConfig(**fp['disc']))
+        if 'ace' in fp:
+            from spruce_nb.ace import ACE, ACEConfig
+            d = ACE.from_dir(model_dir, classifier=clf_name, device='cpu', config=ACEConfig(**fp['ace']))
+        else:
+            from spruce_nb.disc import DISC, DISCConfig
+            d = DISC.from_dir(model_dir, classifier=clf_name, consistency='duq', device='cpu', config=DISCConfig(**fp['disc']))
         t0 = time.perf_counter(); d.explain(x[:16], target=prot['target_class'], show_progress=False)
         out['seconds_per_cf'] = round((time.perf_counter() - t0) / len(x[:16]), 3)
         out['timing'] = dict(batch=len(x[:16]), threads=1, torch=torch.__version__,
-                             note='one batch of 16, this run\'s DISC settings, one CPU thread (other jobs shared the 2 cores)')
+                             note="one batch of 16, this run's settings, one CPU thread (other jobs shared the 2 cores)")
     return out
 
 
