@@ -7,18 +7,19 @@ from __future__ import annotations
 import os, io, json, math, random, hashlib, tempfile, warnings, dataclasses, contextlib, socket, shutil, argparse
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'OUTPUT_LOCK', 'CHECKPOINT_FORMAT', 'positive_int', 'nonneg_int', 'positive_float', 'to_unit',
-           'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config', 'strict_json',
-           'dump_json', 'current_umask', 'atomic_write', 'OutputDirError', 'OutputDir', 'state_sha256', 'file_sha256',
-           'save_checkpoint', 'CheckpointError', 'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy',
-           'show_images', 'save_image', 'CLICommand', 'add_data_args']
+__all__ = ['TMP_TAG', 'OUTPUT_MARKER', 'OUTPUT_LOCK', 'CHECKPOINT_FORMAT', 'positive_int', 'nonneg_int', 'positive_float',
+           'nonneg_float', 'to_unit', 'from_unit', 'check_images', 'get_device', 'seed_everything', 'is_tiny', 'Config',
+           'strict_json', 'dump_json', 'current_umask', 'atomic_write', 'write_set', 'OutputDirError', 'OutputDir',
+           'output_files', 'output_file', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError',
+           'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand',
+           'add_data_args']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -147,6 +148,8 @@ def current_umask() -> int:
     m = os.umask(0o022); os.umask(m)
     return m
 
+TMP_TAG = 'spruce-'   # in every temporary file's name: `.NAME.spruce-XXXX.tmp` (a killed run's are swept by the next run in that directory)
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path,        # Destination file
                  overwrite: bool = False,  # Replace an existing file?
@@ -157,7 +160,7 @@ def atomic_write(path: str | Path,        # Destination file
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or choose another path.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{TMP_TAG}', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -166,6 +169,27 @@ def atomic_write(path: str | Path,        # Destination file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+
+@contextlib.contextmanager
+def write_set(paths: Sequence,            # the files of one item; the LAST one marks the set complete (e.g. its JSON record)
+              overwrite: bool = False,    # replace existing files?
+             ):
+    "Write one item's files as a set: yields temporary paths (same order) to write; on success the old last file is removed first, then every file is renamed into place, the last one last. A reader (or a resuming run) that trusts the last file never sees a mix of two runs; on error nothing is replaced."
+    paths = [Path(p) for p in paths]
+    clash = [p for p in paths if p.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]}{f' and {len(clash) - 1} more file(s)' if len(clash) > 1 else ''} already exist; pass overwrite=True (CLI: --overwrite) or choose another directory.")
+    tmps = [p.parent / f'.{p.name}.{TMP_TAG}{os.getpid()}-set.tmp' for p in paths]
+    try:
+        for p in paths: p.parent.mkdir(parents=True, exist_ok=True)
+        yield tmps
+        missing = [str(p) for p, t in zip(paths, tmps) if not t.exists()]
+        if missing: raise RuntimeError(f"write_set: nothing was written for {missing}.")
+        paths[-1].unlink(missing_ok=True)                 # from here the set reads as incomplete until the last rename
+        for t, p in zip(tmps, paths): os.replace(t, p)
+    except BaseException:
+        for t in tmps: t.unlink(missing_ok=True)
         raise
 
 # %% ../nbs/00_core.ipynb #2ffeb562
@@ -200,7 +224,7 @@ class OutputDir:
         try: p.mkdir(parents=True, exist_ok=True)
         except OSError as e: self._fail('create', e)
         lock = p / OUTPUT_LOCK
-        me = f'{os.getpid()}@{socket.gethostname()} spruce {self.command}'
+        me, swept = f'{os.getpid()}@{socket.gethostname()} spruce {self.command}', False
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
@@ -214,10 +238,12 @@ class OutputDir:
                 if pid == str(os.getpid()) and host == socket.gethostname():  # this process holds it already (a command around a Trainer)
                     self._locked = self._nested = True; break
                 if pid.isdigit() and host == socket.gethostname() and not _pid_alive(int(pid)):
-                    lock.unlink(missing_ok=True); continue         # a killed run's lock: taken over
+                    lock.unlink(missing_ok=True); swept = True; continue   # a killed run's lock: taken over, with its temporary files
                 raise OutputDirError(f"{p} is in use by another run ({held or 'unknown'}); wait for it to finish, or choose another --out. "
                                      f"If no such run exists, delete {lock}.") from None
             except OSError as e: self._fail('write into', e)
+        if swept:                                                   # only spruce's own temporary names (atomic_write, write_set)
+            for t in p.glob(f'.*.{TMP_TAG}*.tmp'): t.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc):
@@ -244,10 +270,14 @@ class OutputDir:
               resume: bool = False,         # existing files of this command are continued, not refused
               adopt: bool = False,          # a directory without a marker: existing files count as this command's (runs made before the marker)
               hint: str = 'pass --overwrite to replace them', # what the user can do about this command's own earlier files
+              inputs: Iterable = (),        # files this run reads: never a target, whoever wrote them
              ) -> list[str]:
         "Refuse, before any work, to touch files another command or the user made; without `overwrite` (or `resume`) also this command's; then record the names as this command's. Returns the names that exist already."
         if not self._locked: raise RuntimeError('OutputDir.claim: use it inside `with OutputDir(...) as out:`.')
         names = [str(n) for n in names]
+        ins = {Path(i).resolve() for i in inputs}
+        hit = [n for n in names if (self.path / n).resolve() in ins]
+        if hit: raise OutputDirError(f"{self.path / hit[0]} is an input of this run; `spruce {self.command}` never writes over its inputs. Choose another --out.")
         rec = self.record()
         adopt = adopt and not (self.path / OUTPUT_MARKER).exists()
         there = [n for n in names if (self.path / n).exists()]
@@ -279,6 +309,29 @@ class OutputDir:
             if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True); gone.append(n)
             elif p.exists() or p.is_symlink(): p.unlink(); gone.append(n)
         return gone
+
+@contextlib.contextmanager
+def output_files(out: str | Path,        # the --out directory
+                 command: str,           # the command writing there
+                 names: Iterable[str],   # the files (or folders) it will write, relative to `out`
+                 overwrite: bool = False,
+                 **claim_kw,             # resume, adopt, hint, inputs: as `OutputDir.claim`
+                ):
+    "Lock `out` and claim `names` there before any work (the output policy in one line); yields the `OutputDir`."
+    with OutputDir(out, command, overwrite=overwrite) as od:
+        od.claim(names, **claim_kw)
+        yield od
+
+@contextlib.contextmanager
+def output_file(path: str | Path,        # the --out file
+                command: str,
+                overwrite: bool = False,
+                **claim_kw,              # resume, hint, inputs: as `OutputDir.claim`
+               ):
+    "The output policy for a command whose --out is one file: its folder is locked and the file claimed before any work; yields the path."
+    path = Path(path)
+    if path.is_dir(): raise OutputDirError(f"--out {path} is a directory; give the path of the file to write (it is created, its folder too).")
+    with output_files(path.parent, command, [path.name], overwrite, **claim_kw): yield path
 
 # %% ../nbs/00_core.ipynb #c626cd3a
 CHECKPOINT_FORMAT = 'spruce_nb.checkpoint/1'
@@ -478,3 +531,4 @@ def _number(kind, cast, ok, what):
 positive_int = _number('positive_int', int, lambda v: v >= 1, 'a whole number >= 1')
 nonneg_int = _number('nonneg_int', int, lambda v: v >= 0, 'a whole number >= 0')
 positive_float = _number('positive_float', float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
+nonneg_float = _number('nonneg_float', float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')   # weights (λ) and rates where 0 = off
