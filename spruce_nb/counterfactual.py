@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image, OutputDir, positive_int, dump_json
+from .core import CLICommand, Config, check_images, get_device, progress, to_unit, image_to_numpy, atomic_write, save_image, write_set, OutputDir, positive_int, nonneg_int, positive_float, nonneg_float, dump_json
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'EXPLAIN_OUTPUTS', 'cli_commands', 'CounterfactualConfig', 'spruce_loss_terms', 'spruce_objective',
@@ -277,25 +277,25 @@ class Explanation:
 
     def save(self, out_dir: str | Path, names: Sequence[str] | None = None, overwrite: bool = False, animate: bool = False,
              records: Sequence[dict] | None = None) -> list[Path]:
-        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png` (and `_path.gif` if `animate`), then `<name>.json` (with `records[i]` merged in) per image; never overwrites unless asked."
+        "Write `<name>_original.png`, `_counterfactual.png`, `_diff.png` (and `_path.gif` if `animate`), then `<name>.json` (with `records[i]` merged in) per image, as a set (`write_set`); never overwrites unless asked."
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         names = list(names) if names is not None else [f'{i:04d}' for i in range(len(self))]
         if len(names) != len(self): raise ValueError(f"got {len(names)} names for {len(self)} images.")
         if records is not None and len(records) != len(self): raise ValueError(f"got {len(records)} records for {len(self)} images.")
-        kinds = ('_original.png', '_counterfactual.png', '_diff.png', '.json') + (('_path.gif',) if animate else ())
+        kinds = ('_original.png', '_counterfactual.png', '_diff.png') + (('_path.gif',) if animate else ()) + ('.json',)   # the record last
         files = [out / f'{n}{s}' for n in names for s in kinds]
         if animate: steps = self.animation_steps(); path = self.path_images(steps)   # fails before anything is written
         clash = [f for f in files if f.exists()]
         if clash and not overwrite: raise FileExistsError(f"{len(clash)} output file(s) already exist (e.g. {clash[0]}); pass overwrite=True (--overwrite) or choose another directory.")
         for i, n in enumerate(names):
-            save_image(self.original[i], out / f'{n}_original.png', overwrite=overwrite)
-            save_image(self.counterfactual[i], out / f'{n}_counterfactual.png', overwrite=overwrite)
-            d = self.edit[i].abs().mean(0); d = (d / d.max().clamp(min=1e-8)) * 2 - 1      # |edit| scaled to [-1, 1] for a PNG
-            save_image(d[None].expand(3, -1, -1), out / f'{n}_diff.png', overwrite=overwrite)
-            if animate:
-                with atomic_write(out / f'{n}_path.gif', overwrite=overwrite) as f: self._gif(i, path[:, i], steps, f, 8.0, 4)
-            rec = {**self.summary(i), **(records[i] if records is not None else {})}
-            with atomic_write(out / f'{n}.json', overwrite=overwrite, mode='w') as f: dump_json(rec, f, indent=1)   # last: marks the set complete
+            with write_set([out / f'{n}{s}' for s in kinds], overwrite=overwrite) as tmp:   # one image's files as a set: never a mix of two runs
+                save_image(self.original[i], tmp[0], overwrite=True)
+                save_image(self.counterfactual[i], tmp[1], overwrite=True)
+                d = self.edit[i].abs().mean(0); d = (d / d.max().clamp(min=1e-8)) * 2 - 1      # |edit| scaled to [-1, 1] for a PNG
+                save_image(d[None].expand(3, -1, -1), tmp[2], overwrite=True)
+                if animate:
+                    with atomic_write(tmp[3], overwrite=True) as f: self._gif(i, path[:, i], steps, f, 8.0, 4)
+                with atomic_write(tmp[-1], overwrite=True, mode='w') as f: dump_json({**self.summary(i), **(records[i] if records is not None else {})}, f, indent=1)
         return files
 
 # %% ../nbs/10_counterfactual.ipynb #29a0977c
@@ -474,14 +474,14 @@ def resolve_targets(source: torch.Tensor,   # [N] predicted classes of the queri
 # %% ../nbs/10_counterfactual.ipynb #5679c231
 def explanation_options(p):
     "Add the settings every explaining command shares to an argparse parser: T, the λs, both LPIPS trunks, PTI, the device."
-    p.add_argument('--steps', type=int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
-    p.add_argument('--lambda-perc', type=float, default=None, help='λ_perc at the 256-px reference (default: CounterfactualConfig)')
-    p.add_argument('--lambda-latent', type=float, default=None, help='λ_latent at the reference |w| (default: CounterfactualConfig)')
-    p.add_argument('--lambda-image', type=float, default=None, help='λ_image at the 256-px reference (default: CounterfactualConfig)')
+    p.add_argument('--steps', type=positive_int, default=None, help='optimisation steps T (default: CounterfactualConfig.steps)')
+    p.add_argument('--lambda-perc', type=nonneg_float, default=None, help='λ_perc at the 256-px reference (default: CounterfactualConfig)')
+    p.add_argument('--lambda-latent', type=nonneg_float, default=None, help='λ_latent at the reference |w| (default: CounterfactualConfig)')
+    p.add_argument('--lambda-image', type=nonneg_float, default=None, help='λ_image at the 256-px reference (default: CounterfactualConfig)')
     p.add_argument('--lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="LPIPS trunk of the objective (default: CounterfactualConfig.lpips_net)")
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning (faster, less faithful reconstructions)')
-    p.add_argument('--pti-steps', type=int, default=None, help='PTI steps per image (default: PTIConfig.steps)')
-    p.add_argument('--pti-lr', type=float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
+    p.add_argument('--pti-steps', type=nonneg_int, default=None, help='PTI steps per image (default: PTIConfig.steps)')
+    p.add_argument('--pti-lr', type=positive_float, default=None, help='PTI learning rate (default: PTIConfig.lr, the reference 3e-4)')
     p.add_argument('--pti-lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'], help="PTI's LPIPS trunk (default: PTIConfig.lpips_net, the reference's 'alex')")
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: SPRUCE_DEVICE or the best available)')
     p.add_argument('--method', default='spruce', choices=sorted(EXPLAINERS),
