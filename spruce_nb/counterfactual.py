@@ -464,6 +464,7 @@ def resolve_targets(source: torch.Tensor,   # [N] predicted classes of the queri
     if tgt is None: raise ValueError("no target: pass target= (a class name or index), or a default rule.")
     if true_label is not None:
         y = torch.as_tensor(true_label, device=source.device).long().reshape(-1)
+        if len(y) != len(source): raise ValueError(f"got {len(y)} true labels for {len(source)} images: pass one label per image.")
         tgt = torch.where(source != y, y, tgt)
     same = (tgt == source).nonzero().flatten().tolist()
     if same: raise ValueError(f"image(s) {same} are already predicted as their target class {[classes[int(tgt[i])] for i in same]}: "
