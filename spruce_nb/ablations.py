@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .core import Config, CLICommand, atomic_write, seed_everything, positive_int
 from .evaluate import (EvaluationConfig, evaluate_counterfactuals, markdown_table, _write_csv, THESIS_COLUMNS, FIELD_COLUMNS, DEFAULT_DATA)
+from .core import output_files, nonneg_int
 
 # %% auto #0
 __all__ = ['THESIS_EPSILONS', 'THESIS_LAMBDAS', 'BASELINE_LAMBDAS', 'AMPLIFIED_LAMBDAS', 'SWEEP_GT_COLUMNS', 'cli_commands',
@@ -154,11 +155,11 @@ def _ablations_args(p):
     p.add_argument('--model-dir', required=True, help='generator.pt, encoder.pt and classifier[_tradesK].pt + gmms[_tradesK].pt per ε (e.g. spruce_nb/zoo/cxr64)')
     p.add_argument('--out', required=True, help='output root: one directory per sweep (cells, sweep.csv, sweep.md, figure.png); unfinished cells are continued')
     p.add_argument('--sweeps', nargs='+', default=['epsilon', 'lambda'], choices=['epsilon', 'lambda', 'lambda-amplified'])
-    p.add_argument('--epsilons', type=int, nargs='+', default=list(THESIS_EPSILONS), help='ε × 255 of the ε sweep (0 = plain)')
+    p.add_argument('--epsilons', type=nonneg_int, nargs='+', default=list(THESIS_EPSILONS), help='ε × 255 of the ε sweep (0 = plain)')
     p.add_argument('--lambda-classifier', default='best-cmmd', help="classifier file for the λ sweeps, or 'best-cmmd' (thesis: the ε row with the lowest CMMD)")
     p.add_argument('--n', type=positive_int, default=100, help='correctly classified source images per cell')
     p.add_argument('--batch-size', type=positive_int, default=20)
-    p.add_argument('--steps', type=int, default=None, help='T for every cell (default: CounterfactualConfig.steps, the thesis T)')
+    p.add_argument('--steps', type=positive_int, default=None, help='T for every cell (default: CounterfactualConfig.steps, the thesis T)')
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning in every cell')
     p.add_argument('--extractor', default='classifier.pt', help='FID/CMMD features for every row (default: the plain classifier in --model-dir)')
     p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the held-out split (default 1000)')
@@ -167,13 +168,16 @@ def _ablations_args(p):
     p.add_argument('--device', default=None)
 
 def _ablations_run(args) -> int:
-    import sys, matplotlib.pyplot as plt
     md, out = Path(args.model_dir), Path(args.out)
     if 'best-cmmd' == args.lambda_classifier and 'epsilon' not in args.sweeps and any(s.startswith('lambda') for s in args.sweeps):
         raise ValueError("--lambda-classifier best-cmmd needs the ε sweep: add 'epsilon' to --sweeps, or name a classifier file.")
     cfg = EvaluationConfig(n=args.n, batch_size=args.batch_size, seed=args.seed, data_n=args.data_n, n_real=args.n_real)
     kw = dict(config=cfg, use_pti=not args.no_pti, steps=args.steps, extractor=args.extractor, device=args.device)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_files(out, 'ablations', ['command.txt', *args.sweeps], resume=True, adopt=(out / 'command.txt').exists()):
+        return _ablations_in(args, md, out, cfg, kw)          # locked; a folder of another command or the user named like a sweep is refused
+
+def _ablations_in(args, md: Path, out: Path, cfg, kw) -> int:
+    import sys, matplotlib.pyplot as plt
     if len(sys.argv) > 1 and sys.argv[1] == 'ablations':
         with atomic_write(out / 'command.txt', overwrite=True, mode='w') as f: f.write('spruce ' + ' '.join(sys.argv[1:]) + '\n')
     oracle, plan, clf = None, [], (args.lambda_classifier, None)

@@ -17,6 +17,7 @@ from .core import (CLICommand, Config, check_images, get_device, progress, save_
                    state_sha256, seed_everything, atomic_write, is_tiny, positive_int)
 from .training import Trainer, EMA, ema_beta
 from .counterfactual import Explanation, resolve_targets, register_explainer, warn_unit_range
+from .core import output_files, positive_float, nonneg_float
 
 # %% auto #0
 __all__ = ['cli_commands', 'DDPMConfig', 'DDPM', 'ddpm_step', 'make_ddpm_trainer', 'save_ddpm', 'load_ddpm', 'train_ddpm',
@@ -197,8 +198,8 @@ def _train_ddpm_args(p):
     p.add_argument('--channels', type=int, default=1, choices=[1, 3], help='1: grey images (default), 3: colour')
     p.add_argument('--steps', type=positive_int, default=DDPMConfig.steps, help=f'optimisation steps (default {DDPMConfig.steps})')
     p.add_argument('--batch-size', type=positive_int, default=DDPMConfig.batch_size)
-    p.add_argument('--lr', type=float, default=DDPMConfig.lr)
-    p.add_argument('--widths', type=int, nargs='+', default=list(DDPMConfig.block_out_channels), help='UNet widths per level')
+    p.add_argument('--lr', type=positive_float, default=DDPMConfig.lr)
+    p.add_argument('--widths', type=positive_int, nargs='+', default=list(DDPMConfig.block_out_channels), help='UNet widths per level')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='run directory: last.pt, history.json, ddpm.pt')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
@@ -209,9 +210,12 @@ def _train_ddpm_run(args) -> int:
                      block_out_channels=tuple(args.widths), seed=args.seed)      # bad numbers fail here, before the data are made
     if args.n is not None and args.n < cfg.batch_size: raise ValueError(f"--n {args.n}: fewer images than one batch ({cfg.batch_size}).")
     from spruce_nb.data import dataset_from_spec
-    ds = dataset_from_spec(args.data, split='train', size=args.res, n=args.n, seed=args.seed)
-    t0 = time.time()
-    train_ddpm(ds, cfg, args.out, resume=args.resume, data=args.data, device=args.device)
+    out = Path(args.out)
+    with output_files(out, 'train-ddpm', ['ddpm.pt'], resume=args.resume, adopt=(out / 'last.pt').exists(),   # before the data are made
+                      hint='pass --resume to continue that run'):
+        ds = dataset_from_spec(args.data, split='train', size=args.res, n=args.n, seed=args.seed)
+        t0 = time.time()
+        train_ddpm(ds, cfg, args.out, resume=args.resume, data=args.data, device=args.device)
     print(f"trained {cfg.steps} steps in {time.time() - t0:.0f} s; DDPM: {Path(args.out) / 'ddpm.pt'} (spruce_nb.ace.load_ddpm)")
     return 0
 
@@ -391,10 +395,10 @@ def _ace_options(p):
     g = p.add_argument_group('ACE (--method ace, spruce_nb.ace)')
     g.add_argument('--ace-ddpm', default='ddpm.pt', help='the DDPM file in --model-dir (default ddpm.pt; spruce train-ddpm)')
     g.add_argument('--ace-distance', default=None, choices=['l1', 'l2'], help='ACE-ℓ1 or ACE-ℓ2 (default l1)')
-    g.add_argument('--ace-lambda', type=float, default=None, help=f'weight of the distance term (default {ACEConfig.lambda_dist})')
-    g.add_argument('--ace-tau', type=int, default=None, help=f'respaced steps of the filter (default {ACEConfig.tau} of {ACEConfig.respacing})')
-    g.add_argument('--ace-dilation', type=int, default=None, help=f'mask dilation kernel (default {ACEConfig.dilation})')
-    g.add_argument('--ace-inpaint', type=float, default=None, help=f'mask threshold s (default {ACEConfig.inpaint})')
+    g.add_argument('--ace-lambda', type=nonneg_float, default=None, help=f'weight of the distance term (default {ACEConfig.lambda_dist})')
+    g.add_argument('--ace-tau', type=positive_int, default=None, help=f'respaced steps of the filter (default {ACEConfig.tau} of {ACEConfig.respacing})')
+    g.add_argument('--ace-dilation', type=positive_int, default=None, help=f'mask dilation kernel (default {ACEConfig.dilation})')
+    g.add_argument('--ace-inpaint', type=positive_float, default=None, help=f'mask threshold s (default {ACEConfig.inpaint})')
     g.add_argument('--ace-no-inpainting', action='store_true', help='return the pre-explanation (no mask, no inpainting)')
     g.add_argument('--ace-checkpointing', action='store_true', help='gradient checkpointing through the DDPM filter (less GPU memory, slower)')
 

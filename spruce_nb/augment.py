@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import check_images, is_tiny, load_checkpoint, CheckpointError, CLICommand
+from .core import output_file
 
 # %% auto #0
 __all__ = ['AUGMENT_SPECS', 'GEOMETRIC_OPS', 'COLOR_OPS', 'NVLABS_PICKLE_ALLOWLIST', 'NVLABS_NAME_MAP', 'cli_commands',
@@ -657,15 +658,14 @@ def load_transfer_weights(source: str | Path,        # an NVlabs .pkl, or a spru
 def _import_nvlabs_args(p):
     p.add_argument('pkl', help='NVlabs stylegan2-ada-pytorch network-snapshot-*.pkl (read without running its code)')
     p.add_argument('--out', required=True, help="output .pt: the snapshot's G_ema as a spruce_nb 'stylegan2-generator' checkpoint")
-    p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
+    p.add_argument('--overwrite', action='store_true', help='replace --out if an earlier `spruce import-nvlabs` wrote it (never another command\'s or your file)')
 
 def _import_nvlabs(args) -> int:
     from spruce_nb.stylegan2 import export_generator
-    out = Path(args.out)
-    if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
-    net = load_nvlabs_pickle(args.pkl)
-    G = net['G_ema']
-    sha = export_generator(G, out, metadata=dict(source=str(args.pkl), augment_p=net['augment_p'], freezed=net['freezed']))
+    with output_file(args.out, 'import-nvlabs', overwrite=args.overwrite, inputs=[args.pkl]) as out:   # before the pickle is read
+        net = load_nvlabs_pickle(args.pkl)
+        G = net['G_ema']
+        sha = export_generator(G, out, metadata=dict(source=str(args.pkl), augment_p=net['augment_p'], freezed=net['freezed']))
     print(f"{args.pkl} -> {out}: G_ema {G.img_resolution}px, z_dim {G.z_dim}, w_dim {G.w_dim}, num_ws {G.num_ws}; sha256 {sha[:12]}")
     return 0
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, to_unit, get_device, seed_everything, is_tiny,
                             save_checkpoint, load_checkpoint, CheckpointError, atomic_write, progress, add_data_args, OutputDir, positive_int, dump_json)
+from .core import nonneg_int, positive_float, nonneg_float
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXT_PRESETS', 'cli_commands', 'ADAPTER_LIBRARIES', 'create_backbone',
@@ -535,20 +536,20 @@ def _train_args(p):
     p.add_argument('--arch', default='convnext_micro', help=f"timm model name or one of {sorted(CONVNEXT_PRESETS)} (thesis: convnext_base)")
     p.add_argument('--out', required=True, help='run directory (classifier.pt, confusion.png, report.json, last.pt, history.json)')
     p.add_argument('--epochs', type=positive_int, default=None, help='epochs (default: thesis 100)')
-    p.add_argument('--warmup-epochs', type=int, default=None, help='warm-up epochs (default: thesis 10, capped at epochs // 10 when --epochs is given)')
+    p.add_argument('--warmup-epochs', type=nonneg_int, default=None, help='warm-up epochs (default: thesis 10, capped at epochs // 10 when --epochs is given)')
     p.add_argument('--batch-size', type=positive_int, default=None, help='batch size (default: thesis 64; 16 with --trades-eps)')
-    p.add_argument('--lr', type=float, default=None, help='AdamW learning rate (default: thesis 5e-4; 1e-4 with --trades-eps)')
-    p.add_argument('--patience', type=int, default=None, help='early-stopping patience in epochs (default 20)')
-    p.add_argument('--image-size', type=int, default=64, help='image size H = W (default 64)')
+    p.add_argument('--lr', type=positive_float, default=None, help='AdamW learning rate (default: thesis 5e-4; 1e-4 with --trades-eps)')
+    p.add_argument('--patience', type=positive_int, default=None, help='early-stopping patience in epochs (default 20)')
+    p.add_argument('--image-size', type=positive_int, default=64, help='image size H = W (default 64)')
     p.add_argument('--n-train', type=positive_int, default=None, help='phantoms: training images (default 10000)')
     p.add_argument('--n-val', type=positive_int, default=None, help='phantoms: validation images (default 1000)')
     p.add_argument('--n-test', type=positive_int, default=None, help='phantoms: test images (default 1000)')
     p.add_argument('--pretrained', default=None, help='local ImageNet weights file for --arch (timm cannot download here)')
     p.add_argument('--init', default=None, help='start from this classifier checkpoint (e.g. fine-tune a plain model with TRADES)')
     p.add_argument('--trades-eps', type=float, default=0.0, help='train with TRADES at eps = VALUE/255 (thesis: 1, 2 or 8); 0 = plain')
-    p.add_argument('--trades-beta', type=float, default=6.0, help='TRADES beta (default 6)')
-    p.add_argument('--trades-steps', type=int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
-    p.add_argument('--trades-eps-warmup', type=float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
+    p.add_argument('--trades-beta', type=nonneg_float, default=6.0, help='TRADES beta (default 6)')
+    p.add_argument('--trades-steps', type=positive_int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
+    p.add_argument('--trades-eps-warmup', type=nonneg_float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
     p.add_argument('--robust-n', type=positive_int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
     p.add_argument('--max-steps', type=positive_int, default=None, help='stop after this many optimisation steps (smoke tests)')
     p.add_argument('--seed', type=int, default=0)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from .anatomy import N_ANATOMY_UNIFORMS, anatomy_params, render_anatomy, has_template, template_dir
 from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoint, load_checkpoint, CLICommand, positive_int, dump_json
+from .core import OutputDir, TMP_TAG, _pid_alive
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
@@ -879,66 +880,59 @@ class MedMNISTDataset(Dataset):
         return from_unit(x.clamp(0, 1)).contiguous(), int(self.labels[i])
 
 # %% ../nbs/02_data.ipynb #8ea86526
-def _pid_alive(pid: str) -> bool:
-    try: os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError): return False
-    except PermissionError: return True
-    return True
-
-def write_phantom_folder(out,                    # output folder (must be empty or absent, unless overwrite)
+def write_phantom_folder(out,                    # output folder (created if missing; files of others there stay untouched)
                          modality: str = 'cxr',
                          n: int = 2000,
                          size: int = 64,
                          seed: int = 0,
                          classes=None,
                          split: str = 'train',
-                         overwrite: bool = False, # replace a folder previously written by this function
+                         overwrite: bool = False, # replace the phantoms this function wrote there before
                         ) -> Path:
     "Write phantoms as an ImageFolder tree + classes.txt + labels.csv (with causal variables and seeds); returns the folder."
-    from PIL import Image
     import tempfile
     out = Path(out)
     _check_modality(modality); classes = _check_classes(modality, classes); _check_size(size)
     if n < 1: raise ValueError(f"n must be >= 1, got {n}.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite: raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, or choose another --out.")
-        if not (out / '.spruce_phantoms').exists():
-            raise FileExistsError(f"{out} was not written by `spruce phantoms` (no .spruce_phantoms marker); refusing to delete it. Remove it yourself or choose another --out.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f'.{out.name}.*'):                # a killed earlier run's temporary folder: ours (marker) and its process gone
-        mark = old / '.spruce_phantoms_tmp'
-        if old.is_dir() and mark.is_file() and not _pid_alive(mark.read_text().strip()): shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
-    from spruce_nb.core import current_umask
-    os.chmod(tmp, 0o777 & ~current_umask())                       # mkdtemp makes 0700; the result gets a new folder's permissions
-    (tmp / '.spruce_phantoms_tmp').write_text(str(os.getpid()))
-    try:
-        for c in classes: (tmp / c).mkdir()
-        rows, names = [], CAUSAL_VARIABLES[modality]
-        for s in range(0, n, 512):
-            b = make_phantoms(modality, min(512, n - s), size, seed, classes, split, start=s)
-            u8 = ((b.images[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
-            for j in range(len(u8)):
-                i, c = s + j, classes[int(b.labels[j])]
-                rel = f'{c}/{modality}_{split}_{i:06d}.png'
-                Image.fromarray(u8[j], mode='L').save(tmp / rel)
-                rows.append([rel, int(b.labels[j]), c, int(b.seeds[j])] + [f'{v:.6g}' for v in b.causal[j].tolist()])
-        with open(tmp / 'labels.csv', 'w', newline='') as f:
-            w = csv.writer(f); w.writerow(['file', 'label', 'class', 'seed', *names]); w.writerows(rows)
-        (tmp / 'classes.txt').write_text('\n'.join(classes) + '\n')
-        (tmp / '.spruce_phantoms').write_text(json.dumps(dict(modality=modality, n=n, size=size, seed=seed, classes=list(classes), split=split)))
-        (tmp / '.spruce_phantoms_tmp').unlink()
-        if out.exists(): shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+    if out.parent.is_dir():
+        for old in out.parent.glob(f'.{out.name}.*'):            # an older version's killed run: a temporary folder beside `out`, its process gone
+            mark = old / '.spruce_phantoms_tmp'
+            if old.is_dir() and mark.is_file() and not (mark.read_text().strip().isdigit() and _pid_alive(int(mark.read_text().strip()))):
+                shutil.rmtree(old, ignore_errors=True)
+    with OutputDir(out, 'phantoms', overwrite=overwrite) as od:    # the output policy: locked; never another command's or the user's files
+        od.claim(['labels.csv', 'classes.txt', '.spruce_phantoms', *classes], adopt=(out / '.spruce_phantoms').exists())   # adopt: a folder from before the marker
+        for old in out.glob(f'.{TMP_TAG}phantoms-*'): shutil.rmtree(old, ignore_errors=True)   # a killed run's: we hold the lock, so it is not running
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{TMP_TAG}phantoms-', dir=out))
+        try:
+            _write_phantoms_into(tmp, modality, n, size, seed, classes, split)
+            if overwrite: od.remove_own()                          # this command's earlier phantoms only; the user's files stay
+            for e in [*classes, 'classes.txt', '.spruce_phantoms', 'labels.csv']: os.replace(tmp / e, out / e)   # labels.csv last: the set is complete
+        finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+def _write_phantoms_into(tmp: Path, modality, n, size, seed, classes, split):
+    "The phantom tree (class folders of PNGs, labels.csv, classes.txt, marker) written into the empty folder `tmp`."
+    from PIL import Image
+    for c in classes: (tmp / c).mkdir()
+    rows, names = [], CAUSAL_VARIABLES[modality]
+    for s in range(0, n, 512):
+        b = make_phantoms(modality, min(512, n - s), size, seed, classes, split, start=s)
+        u8 = ((b.images[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+        for j in range(len(u8)):
+            i, c = s + j, classes[int(b.labels[j])]
+            rel = f'{c}/{modality}_{split}_{i:06d}.png'
+            Image.fromarray(u8[j], mode='L').save(tmp / rel)
+            rows.append([rel, int(b.labels[j]), c, int(b.seeds[j])] + [f'{v:.6g}' for v in b.causal[j].tolist()])
+    with open(tmp / 'labels.csv', 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(['file', 'label', 'class', 'seed', *names]); w.writerows(rows)
+    (tmp / 'classes.txt').write_text('\n'.join(classes) + '\n')
+    (tmp / '.spruce_phantoms').write_text(json.dumps(dict(modality=modality, n=n, size=size, seed=seed, classes=list(classes), split=split)))
 
 def _phantoms_args(p):
     p.add_argument('--modality', default='cxr', help=f"one of {', '.join(PHANTOM_CLASSES)} (default cxr)")
     p.add_argument('--classes', default=None, help='comma-separated class names (default: normal,cardiomegaly for cxr; all classes otherwise)')
     p.add_argument('--n', type=positive_int, default=2000, help='number of images (default 2000)')
-    p.add_argument('--size', type=int, default=64, help='image size, a power of two >= 32 (default 64)')
+    p.add_argument('--size', type=positive_int, default=64, help='image size, a power of two >= 32 (default 64)')
     p.add_argument('--seed', type=int, default=0, help='base seed (default 0)')
     p.add_argument('--split', default='train', choices=['train', 'val', 'test'], help='seed stream (default train)')
     p.add_argument('--out', required=True, help='output folder (ImageFolder layout)')

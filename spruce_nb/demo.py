@@ -13,6 +13,7 @@ import torch
 
 import spruce_nb
 from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__, OutputDir, dump_json
+from .core import positive_int, nonneg_int, nonneg_float
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'cli_commands', 'zoo_manifest', 'check_zoo_file', 'ensure_models',
@@ -242,11 +243,11 @@ def _report_markdown(rows: dict, info: dict) -> str:
 def _demo_args(p):
     p.add_argument('--modality', default='cxr', choices=['cxr'], help='phantom modality (the zoo has chest X-ray models)')
     p.add_argument('--out', default='demo_out', help='report directory (default demo_out/)')
-    p.add_argument('--n', type=int, default=DemoConfig.n, help='images to explain')
-    p.add_argument('--steps', type=int, default=DemoConfig.steps, help='counterfactual optimisation steps T')
-    p.add_argument('--pti-steps', type=int, default=DemoConfig.pti_steps, help='PTI steps')
+    p.add_argument('--n', type=positive_int, default=DemoConfig.n, help='images to explain')
+    p.add_argument('--steps', type=positive_int, default=DemoConfig.steps, help='counterfactual optimisation steps T')
+    p.add_argument('--pti-steps', type=nonneg_int, default=DemoConfig.pti_steps, help='PTI steps')
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning')
-    p.add_argument('--lambda-image', type=float, default=DemoConfig.lambda_image, help='λ_image at the 256-px reference (thesis 1e-6; demo default 1e-3, see 10_counterfactual)')
+    p.add_argument('--lambda-image', type=nonneg_float, default=DemoConfig.lambda_image, help='λ_image at the 256-px reference (thesis 1e-6; demo default 1e-3, see 10_counterfactual)')
     p.add_argument('--lpips-net', default=DemoConfig.lpips_net, choices=['alex', 'vgg', 'squeeze'], help="LPIPS trunk in the objective (thesis: vgg; default alex for speed)")
     p.add_argument('--retrain', action='store_true', help='ignore the zoo and retrain small models with the quick preset')
     p.add_argument('--overwrite', action='store_true', help='replace an existing report in --out')

@@ -16,8 +16,9 @@ from torch import nn
 
 from .core import (CLICommand, Config, check_images, get_device, progress, seed_everything, save_checkpoint,
                             load_checkpoint, state_sha256, add_data_args)
-from .counterfactual import Explanation, _class_index, register_explainer, warn_unit_range
+from .counterfactual import Explanation, register_explainer, resolve_targets, warn_unit_range
 from .piece import classifier_identity
+from .core import output_file, positive_int, nonneg_int, positive_float
 
 # %% auto #0
 __all__ = ['cli_commands', 'DISCConfig', 'DIPPrior', 'INRPrior', 'PixelPrior', 'make_prior', 'fit_prior', 'classifier_layers',
@@ -440,17 +441,9 @@ class DISC:
         return images.to(self.device).float()
 
     def _targets(self, logits, target, true_label):
-        N, source = len(logits), logits.argmax(-1)
-        if target is None: tgt = logits.topk(2, dim=-1).indices[:, 1]                 # the second most probable class
-        else: tgt = _class_index(target, self.classes, N, self.device)
-        if true_label is not None:
-            y = torch.as_tensor(true_label, device=self.device).long().reshape(-1)
-            if len(y) != N: raise ValueError(f"got {len(y)} true labels for {N} images.")
-            tgt = torch.where(source != y, y, tgt)
-        same = (tgt == source).nonzero().flatten().tolist()
-        if same: raise ValueError(f"image(s) {same} are already predicted as their target class {[self.classes[int(tgt[i])] for i in same]}: "
-                                  "a counterfactual needs a different class. Pick another target, or pass true_label= for misclassified images.")
-        return source, tgt
+        source = logits.argmax(-1)
+        second = logits.topk(2, dim=-1).indices[:, 1]                                  # default: the second most probable class
+        return source, resolve_targets(source, target, self.classes, true_label, default=second)
 
     def explain(self, images: torch.Tensor,   # query images [N,3,H,W] in [-1, 1]
                 target=None,                  # target class: index/name, one or per image; None: the second most probable class
@@ -530,8 +523,8 @@ def _disc_options(p):
     p.add_argument('--disc-consistency', default=None, choices=['duq', 'dep', 'none'], help="DISC manifold consistency (default duq: duq.pt / duq_trades2.pt in --model-dir)")
     p.add_argument('--disc-consistency-file', default=None, help='DISC: the consistency model file (default: by --disc-consistency and --classifier)')
     p.add_argument('--disc-semantic', default=None, choices=['lso', 'iso'], help='DISC semantics preservation: classifier layers (lso, default) or pixels (iso)')
-    p.add_argument('--disc-fit-steps', type=int, default=None, help='DISC: steps fitting the prior to each query (default DISCConfig.fit_steps)')
-    p.add_argument('--disc-lr', type=float, default=None, help='DISC: learning rate η of the search (default DISCConfig.lr)')
+    p.add_argument('--disc-fit-steps', type=nonneg_int, default=None, help='DISC: steps fitting the prior to each query (default DISCConfig.fit_steps)')
+    p.add_argument('--disc-lr', type=positive_float, default=None, help='DISC: learning rate η of the search (default DISCConfig.lr)')
     p.add_argument('--disc-no-progressive', action='store_true', help='DISC: optimise all layers with a fixed λ1 (ablation)')
 
 _DISC_FLAGS = ('disc_prior', 'disc_consistency', 'disc_consistency_file', 'disc_semantic', 'disc_fit_steps', 'disc_lr', 'disc_no_progressive')
@@ -559,25 +552,28 @@ def _train_args(p):
     p.add_argument('--kind', default='duq', choices=['duq', 'dep'], help='DUQ (Eq. 9) or DEP loss predictor (Eq. 8)')
     add_data_args(p, split='train', n_help='phantoms: number of images (default 2000)', note=' (the classifier\'s training data)')
     p.add_argument('--out', required=True, help='output file (e.g. duq.pt)')
-    p.add_argument('--steps', type=int, default=1500, help='optimisation steps (default 1500)')
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--steps', type=positive_int, default=1500, help='optimisation steps (default 1500)')
+    p.add_argument('--batch-size', type=positive_int, default=64)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--run-dir', default=None, help="the training engine's folder (last.pt, history.json; resumable with --resume)")
     p.add_argument('--resume', action='store_true', help='continue the run in --run-dir')
     p.add_argument('--half', action='store_true', help='store the weights as fp16 (half the file)')
     p.add_argument('--device', default=None)
-    p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
+    p.add_argument('--overwrite', action='store_true', help='replace --out if an earlier `spruce train-consistency` wrote it (never another command\'s or your file)')
 
 def _train_run(args) -> int:
-    from spruce_nb.classifier import load_classifier
-    from spruce_nb.data import dataset_from_spec
     out = Path(args.out)
     if args.steps < 1: raise ValueError(f'--steps {args.steps}: must be at least 1.')
     if args.batch_size < 2: raise ValueError(f'--batch-size {args.batch_size}: must be at least 2 (DEP ranks pairs).')
     if args.n is not None and args.n < args.batch_size: raise ValueError(f'--n {args.n}: must be at least --batch-size ({args.batch_size}).')
     if args.resume and not args.run_dir: raise ValueError('--resume continues the run in --run-dir; pass --run-dir.')
-    if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists: pass --overwrite or choose another --out.")
     if not Path(args.model).exists(): raise FileNotFoundError(f"classifier checkpoint not found: {args.model}.")
+    with output_file(out, 'train-consistency', overwrite=args.overwrite, inputs=[args.model]) as out:   # before any work: the output policy
+        return _train_to(args, out)
+
+def _train_to(args, out: Path) -> int:
+    from spruce_nb.classifier import load_classifier
+    from spruce_nb.data import dataset_from_spec
     clf = load_classifier(args.model, device='cpu')
     ds = dataset_from_spec(args.data, split=args.split, size=clf.image_size, n=args.n or 2000)
     dc = getattr(ds, 'classes', None)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, save_checkpoint,
                             load_checkpoint, state_sha256, to_unit, atomic_write, positive_int)
+from .core import output_files, positive_float, nonneg_float
 
 # %% auto #0
 __all__ = ['cli_commands', 'E4EConfig', 'stage_at', 'SEModule', 'BottleneckIR', 'EqualLinear', 'GradualStyleBlock',
@@ -450,25 +451,31 @@ def _train_encoder_args(p):
     p.add_argument('--steps', type=positive_int, default=3000, help='training steps (the progressive schedule scales with it)')
     p.add_argument('--batch-size', type=positive_int, default=8)
     p.add_argument('--classifier', default=None, help='classifier checkpoint whose features C give the similarity loss')
-    p.add_argument('--lambda-sim', type=float, default=None, help='λ_sim (default 0.5; 0 = off)')
-    p.add_argument('--lambda-adv', type=float, default=None, help='λ_adv of the latent discriminator (default 0.1; 0 = off)')
-    p.add_argument('--lambda-lpips', type=float, default=None, help='λ_lpips (default 0.8)')
-    p.add_argument('--lambda-delta', type=float, default=None, help='λ_d-reg on the offsets Δ_i (default 2e-4; 0 = off)')
+    p.add_argument('--lambda-sim', type=nonneg_float, default=None, help='λ_sim (default 0.5; 0 = off)')
+    p.add_argument('--lambda-adv', type=nonneg_float, default=None, help='λ_adv of the latent discriminator (default 0.1; 0 = off)')
+    p.add_argument('--lambda-lpips', type=nonneg_float, default=None, help='λ_lpips (default 0.8)')
+    p.add_argument('--lambda-delta', type=nonneg_float, default=None, help='λ_d-reg on the offsets Δ_i (default 2e-4; 0 = off)')
     p.add_argument('--lpips-net', default=None, choices=['alex', 'vgg', 'squeeze'])
     p.add_argument('--backbone', default='ir', help="'ir' (from scratch) or a timm ResNet ('resnet18', 'resnet34')")
     p.add_argument('--pretrained', default=None, help='local ImageNet weights file for a timm backbone')
-    p.add_argument('--widths', type=int, nargs=4, default=None, help='IR stage widths (default 32 64 128 256)')
-    p.add_argument('--units', type=int, nargs=4, default=None, help='IR units per stage (default 2 2 2 2)')
-    p.add_argument('--fpn-channels', type=int, default=None, help='FPN / map2style width (default 128)')
-    p.add_argument('--lr', type=float, default=None, help='encoder Adam lr (default 1e-4)')
+    p.add_argument('--widths', type=positive_int, nargs=4, default=None, help='IR stage widths (default 32 64 128 256)')
+    p.add_argument('--units', type=positive_int, nargs=4, default=None, help='IR units per stage (default 2 2 2 2)')
+    p.add_argument('--fpn-channels', type=positive_int, default=None, help='FPN / map2style width (default 128)')
+    p.add_argument('--lr', type=positive_float, default=None, help='encoder Adam lr (default 1e-4)')
     p.add_argument('--init', default=None, help='start from this encoder checkpoint (e.g. one trained for an earlier snapshot of the same GAN run); its architecture is used')
     p.add_argument('--no-progressive', action='store_true', help='train all offsets from the start')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
-    p.add_argument('--ckpt-every', type=int, default=500)
+    p.add_argument('--ckpt-every', type=positive_int, default=500)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None)
 
 def _train_encoder_run(args) -> int:
+    out = Path(args.out)
+    with output_files(out, 'train-encoder', ['encoder.pt', 'offsets.png'], resume=args.resume, adopt=(out / 'last.pt').exists(),
+                      hint='pass --resume to continue that run', inputs=[p for p in (args.generator, args.init, args.classifier) if p]):
+        return _train_encoder_in(args)                                                  # claimed before any work
+
+def _train_encoder_in(args) -> int:
     from spruce_nb.stylegan2 import load_generator
     from spruce_nb.data import dataset_from_spec
     G = load_generator(args.generator, device=args.device)

@@ -17,12 +17,13 @@ from torch import nn
 from .counterfactual import explanation_options, explainer_from_args
 from .core import (CLICommand, Config, atomic_write, OutputDir, get_device, progress, seed_everything, state_sha256,
                             file_sha256, image_to_numpy, is_tiny, check_images, positive_int, dump_json)
+from .core import nonneg_int
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS', 'GT_COLUMNS', 'cli_commands',
-           'EvaluationConfig', 'select_correctly_classified', 'summarise', 'markdown_table', 'nearest_real_l1',
-           'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals',
-           'export_dime_layout', 'tiny_model_dir']
+           'EvaluationConfig', 'select_correctly_classified', 'mean_ci', 'summarise', 'markdown_table',
+           'nearest_real_l1', 'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors',
+           'evaluate_counterfactuals', 'export_dime_layout', 'tiny_model_dir']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -185,10 +186,15 @@ def _mean(rows, k):
     v = _vals(rows, k)
     return float(np.mean(v)) if v else float('nan')
 
+def mean_ci(values) -> dict | None:
+    "Mean with its normal-approximation 95 % interval, 1.96·s/√n: dict(mean, ci95, n); None below two values."
+    v = [float(x) for x in values]
+    return dict(mean=float(np.mean(v)), ci95=float(1.96 * np.std(v, ddof=1) / math.sqrt(len(v))), n=len(v)) if len(v) >= 2 else None
+
 def _ci95(rows, k):
-    "Half-width of the normal-approximation 95 % interval of the mean, 1.96·s/√n (as tools/collect_eval.py)."
-    v = _vals(rows, k)
-    return float(1.96 * np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) >= 2 else float('nan')
+    "Half-width of `mean_ci` of a column (NaN below two values)."
+    s = mean_ci(_vals(rows, k))
+    return s['ci95'] if s else float('nan')
 
 def summarise(rows: list, feats: dict, real_feats: dict, extractors: list, label: str = 'SPRUCE', unbiased: bool = False,
               extra: dict | None = None) -> list[dict]:
@@ -636,10 +642,10 @@ def _evaluate_args(p):
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
     explanation_options(p)   # T, λs, LPIPS trunks, PTI, --device: the same as `spruce explain`
     p.add_argument('--label', default=None, help="name of the method row in the table (default: the method's name, e.g. SPRUCE)")
-    p.add_argument('--max-batches', type=int, default=None, help='stop after this many new batches (continue later with the same command)')
+    p.add_argument('--max-batches', type=positive_int, default=None, help='stop after this many new batches (continue later with the same command)')
     p.add_argument('--overwrite', action='store_true', help='discard a previous run in --out')
     p.add_argument('--layout', default=None, choices=['dime'], help="also write the run in DiME/ACE's output layout (OUT/dime/Original, OUT/dime/Results/LABEL/...), which their compute_*.py scripts read")
-    p.add_argument('--diversity-seeds', type=int, default=0, metavar='K', help='explain every image with K >= 2 seeds and report σ_L, their mean pairwise LPIPS (K times the cost; default off)')
+    p.add_argument('--diversity-seeds', type=nonneg_int, default=0, metavar='K', help='explain every image with K >= 2 seeds and report σ_L, their mean pairwise LPIPS (K times the cost; default off)')
 
 def _evaluate_run(args) -> int:
     from spruce_nb.counterfactual import Spruce

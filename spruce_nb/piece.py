@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .core import (CLICommand, Config, check_images, get_device, is_tiny, progress, save_checkpoint,
                             load_checkpoint, state_sha256, atomic_write, seed_everything, add_data_args, positive_int)
+from .core import output_file
 
 # %% auto #0
 __all__ = ['cli_commands', 'GMM1D', 'fit_gmm_1d', 'CollectedFeatures', 'collect_features', 'classifier_identity', 'FeatureGMMs',
@@ -757,18 +758,20 @@ def _fit_args(p):
     add_data_args(p, split='train', n_help='phantoms: number of images (default: the split size)', note=' (images the classifier was trained on)')
     p.add_argument('--out', required=True, help='output file (feature_gmms.pt)')
     p.add_argument('--k', type=positive_int, default=5, help='Gaussian components per feature (thesis: 5)')
-    p.add_argument('--n-init', type=int, default=3, help='initialisations per feature (default 3)')
+    p.add_argument('--n-init', type=positive_int, default=3, help='initialisations per feature (default 3)')
     p.add_argument('--hurdle', action='store_true', help="fit PIECE's hurdle model instead (ReLU features only; slow)")
     p.add_argument('--batch-size', type=positive_int, default=128)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
-    p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
+    p.add_argument('--overwrite', action='store_true', help='replace --out if an earlier `spruce fit-gmms` wrote it (never another command\'s or your file)')
 
 def _fit_run(args) -> int:
+    if not Path(args.model).exists(): raise FileNotFoundError(f"classifier checkpoint not found: {args.model}. Train one with `spruce train-classifier --out DIR` and pass DIR/classifier.pt.")
+    with output_file(args.out, 'fit-gmms', overwrite=args.overwrite, inputs=[args.model]) as out:   # before any work: the output policy
+        return _fit_to(args, out)
+
+def _fit_to(args, out: Path) -> int:
     from spruce_nb.classifier import load_classifier
     from spruce_nb.data import dataset_from_spec
-    out = Path(args.out)
-    if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists: pass --overwrite or choose another --out.")
-    if not Path(args.model).exists(): raise FileNotFoundError(f"classifier checkpoint not found: {args.model}. Train one with `spruce train-classifier --out DIR` and pass DIR/classifier.pt.")
     clf = load_classifier(args.model, device=args.device)
     ds = dataset_from_spec(args.data, split=args.split, size=clf.image_size, n=args.n)
     dc = getattr(ds, 'classes', None)

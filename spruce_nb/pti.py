@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, save_checkpoint,
                             load_checkpoint, to_unit, atomic_write, progress, dump_json)
 from .e4e import invert, synthesize, reconstruction_metrics, load_encoder, generator_identity
+from .core import output_files, positive_int, nonneg_int
 
 # %% auto #0
 __all__ = ['PTI_LPIPS_THRESHOLD', 'cli_commands', 'PTIConfig', 'projector_lr', 'w_stats', 'project_w', 'locality_codes',
@@ -416,21 +417,23 @@ def _pti_args(p):
     p.add_argument('--encoder', default=None, help='e4e encoder checkpoint (pivot = E(x)); without it the W projector is used')
     p.add_argument('--data', default='phantoms:cxr', help="images: 'phantoms:TASK', a folder, or medmnist:PATH.npz")
     p.add_argument('--split', default='test')
-    p.add_argument('--n', type=int, default=8, help='number of images to invert')
-    p.add_argument('--steps', type=int, default=None, help='tuning steps (default 350)')
-    p.add_argument('--w-steps', type=int, default=None, help='W projector steps (default 450)')
+    p.add_argument('--n', type=positive_int, default=8, help='number of images to invert')
+    p.add_argument('--steps', type=nonneg_int, default=None, help='tuning steps (default 350)')
+    p.add_argument('--w-steps', type=nonneg_int, default=None, help='W projector steps (default 450)')
     p.add_argument('--no-locality', action='store_true', help='switch the locality regulariser off (reference default)')
     p.add_argument('--sequential', action='store_true', help='tune one image at a time (reference scheme) instead of batched')
     p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--overwrite', action='store_true')
+    p.add_argument('--overwrite', action='store_true', help='replace the files an earlier `spruce pti` wrote in --out (never another command\'s or your files)')
     p.add_argument('--device', default=None)
 
 def _pti_run(args) -> int:
-    import json
+    out, ins = Path(args.out), [args.generator] + ([args.encoder] if args.encoder else [])
+    with output_files(out, 'pti', ['pti.pt', 'metrics.json', 'inversions.png'], overwrite=args.overwrite, inputs=ins):   # before any work
+        return _pti_to(args, out)
+
+def _pti_to(args, out: Path) -> int:
     from spruce_nb.data import dataset_from_spec
     from spruce_nb.stylegan2 import load_generator
-    out = Path(args.out)
-    if (out / 'pti.pt').exists() and not args.overwrite: raise FileExistsError(f"{out / 'pti.pt'} exists; pass --overwrite or choose another --out.")
     G = load_generator(args.generator, device=args.device)
     ds = dataset_from_spec(args.data, split=args.split, size=G.img_resolution, n=max(args.n, 1))
     images = torch.stack([ds[i][0] for i in range(min(args.n, len(ds)))])
@@ -438,7 +441,6 @@ def _pti_run(args) -> int:
     ov = {k: v for k, v in dict(steps=args.steps, w_steps=args.w_steps).items() if v is not None}
     cfg = PTIConfig(pivot='e4e' if E is not None else 'w', locality=not args.no_locality, batched=not args.sequential, **ov)
     res = pivotal_tuning(G, images.to(next(G.parameters()).device), encoder=E, cfg=cfg, show_progress=True)
-    out.mkdir(parents=True, exist_ok=True)
     res.save(out / 'pti.pt')
     rec0, rec1 = synthesize(G, res.ws).cpu(), res.reconstructions().cpu()
     m = {'pivot': reconstruction_metrics(rec0, images.cpu()), 'pti': reconstruction_metrics(rec1, images.cpu()),

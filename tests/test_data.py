@@ -86,9 +86,13 @@ def test_cli_round_trip(tmp_path):
     assert main(['phantoms', '--n', '4', '--size', '32', '--out', str(out)]) == 2
     assert main(['phantoms', '--n', '4', '--size', '32', '--out', str(out), '--overwrite']) == 0
     assert len(ImageFolderDataset(out)) == 4
-    (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'thesis.txt').write_text('precious')
-    assert main(['phantoms', '--n', '4', '--size', '32', '--out', str(tmp_path / 'mine'), '--overwrite']) == 2
-    assert (tmp_path / 'mine' / 'thesis.txt').read_text() == 'precious'
+    (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'thesis.txt').write_text('precious')     # the output policy: beside a user's file, never over it
+    assert main(['phantoms', '--n', '4', '--size', '32', '--out', str(tmp_path / 'mine'), '--overwrite']) == 0
+    assert main(['phantoms', '--n', '6', '--size', '32', '--out', str(tmp_path / 'mine'), '--overwrite']) == 0
+    assert (tmp_path / 'mine' / 'thesis.txt').read_text() == 'precious' and len(ImageFolderDataset(tmp_path / 'mine')) == 6
+    (tmp_path / 'mine2').mkdir(); (tmp_path / 'mine2' / 'labels.csv').write_text('my labels')   # a colliding file is refused, even with --overwrite
+    assert main(['phantoms', '--n', '4', '--size', '32', '--out', str(tmp_path / 'mine2'), '--overwrite']) == 2
+    assert sorted(p.name for p in (tmp_path / 'mine2').iterdir()) == ['labels.csv'] and (tmp_path / 'mine2' / 'labels.csv').read_text() == 'my labels'
     # the other modalities export too
     assert main(['phantoms', '--modality', 'oct', '--n', '8', '--size', '32', '--out', str(tmp_path / 'oct')]) == 0
     assert ImageFolderDataset(tmp_path / 'oct').classes == PHANTOM_CLASSES['oct']
