@@ -56,7 +56,9 @@ def check_images(x,                    # Tensor to check
         if tuple(x.shape[-2:]) != hw: raise ValueError(f"{name}: expected spatial size {hw}, got {tuple(x.shape[-2:])}. Resize with torch.nn.functional.interpolate(x, size={hw}, mode='bilinear', antialias=True).")
     if x.numel():
         lo, hi = float(x.detach().min()), float(x.detach().max())
-        if math.isnan(lo) or math.isnan(hi): raise ValueError(f"{name}: contains NaN.")
+        if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
+            bad = (~torch.isfinite(x.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"{name}: image(s) {bad[:10]}{' …' if len(bad) > 10 else ''} of the batch contain NaN or infinite values; fix or drop them.")
         if lo < -1 - range_tol or hi > 1 + range_tol:
             raise ValueError(f"{name}: values span [{lo:.3g}, {hi:.3g}] but spruce_nb expects [-1, 1]. From [0, 1] use from_unit(x); from [0, 255] use x / 127.5 - 1.")
     return x

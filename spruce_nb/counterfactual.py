@@ -547,8 +547,8 @@ def _read_record(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
 
-def _explain_plan(paths, names, shas, out: Path, kinds, overwrite: bool) -> list:
-    "Indices of the images still to explain: complete sets this command wrote for the same input file are kept (resume); anything else in the way is refused."
+def _explain_plan(paths, names, shas, out: Path, kinds, overwrite: bool, owner=lambda name: None) -> list:
+    "Indices of the images still to explain: complete sets this command wrote for the same input file are kept (resume), its own incomplete sets redone; anything else in the way is refused."
     inputs = {p.resolve() for p in paths}
     for n in names:
         for s in kinds:
@@ -559,6 +559,9 @@ def _explain_plan(paths, names, shas, out: Path, kinds, overwrite: bool) -> list
         have = [s for s in kinds if (out / f'{n}{s}').exists()]
         if not have or overwrite: todo.append(k); continue
         rec = _read_record(out / f'{n}.json')
+        if rec is None and all(owner(f'{n}{s}') == 'explain' for s in have):   # a killed run's set without its record (written last): redone
+            for s in have: (out / f'{n}{s}').unlink()
+            todo.append(k); continue
         if rec is None or rec.get('input_sha256') != h:
             why = 'has no record of this command' if rec is None else f"was written for another image ({rec.get('input', '?')})"
             raise FileExistsError(f"{out / (n + have[0])} {why}; pass --overwrite to replace the outputs for {p}, or choose another --out.")
@@ -581,7 +584,7 @@ def _explain_run(args) -> int:
     kinds = EXPLAIN_OUTPUTS[:-1] + (('_path.gif',) if args.animate else ()) + EXPLAIN_OUTPUTS[-1:]
     shas = [file_sha256(p) for p in paths]                    # each input hashed once: the plan and the records use it
     with OutputDir(out, 'explain', overwrite=args.overwrite) as od:   # locked: two runs into one --out never mix their files
-        todo = _explain_plan(paths, names, shas, out, kinds, args.overwrite)
+        todo = _explain_plan(paths, names, shas, out, kinds, args.overwrite, owner=od.owner)
         od.claim([f'{names[k]}{s}' for k in todo for s in kinds], resume=True, adopt=True)   # never a file another command or the user made
         return _explain_todo(args, paths, names, shas, out, todo)
 

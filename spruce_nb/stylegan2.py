@@ -898,7 +898,7 @@ def _train_gan_args(p):
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
     g = p.add_argument_group('ADA and transfer learning (spruce_nb.augment)')
     g.add_argument('--ada', action='store_true', help="adaptive discriminator augmentation ('bgc' pipe, p adapted to hold r_t at --target)")
-    g.add_argument('--target', type=positive_float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
+    g.add_argument('--target', type=float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
     g.add_argument('--ada-kimg', type=positive_float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
     g.add_argument('--resume-from', default=None, help='transfer learning: start G/D (and G_ema) from this file, an NVlabs .pkl or a spruce_nb checkpoint')
     g.add_argument('--freezed', type=nonneg_int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")

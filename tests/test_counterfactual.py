@@ -171,7 +171,10 @@ def test_cli_explain_writes_outputs_and_refuses_overwrite(parts, tmp_path, capsy
     other = tmp_path / 'other'; other.mkdir(); save_image(imgs[2], other / 'img0.png')                    # same name, another image
     assert main(['explain', str(other / 'img0.png'), '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2
     assert 'another image' in capsys.readouterr().err and stamp == {f: f.stat().st_mtime_ns for f in out.iterdir()}
-    (out / 'img1.json').unlink()                                                                           # a set without its record
+    (out / 'img1.json').unlink()                                                  # explain's own set without its record (a killed run): redone
+    assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 0
+    assert '1 already done' in capsys.readouterr().out and (out / 'img1.json').exists()
+    (out / 'img1.json').unlink(); (out / '.spruce-outputs.json').unlink()        # files without record or marker: nobody's known set, refused
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti']) == 2
     assert 'no record' in capsys.readouterr().err
     assert main(['explain', *files, '--model-dir', str(md), '--out', str(out), '--steps', '2', '--no-pti', '--overwrite']) == 0
