@@ -216,6 +216,7 @@ def test_outputs_follow_the_umask(md, image, tmp_path):
 @pytest.mark.parametrize('argv, flag', [
     (['explain', 'x.png', '--model-dir', '.', '--lambda-latent', 'inf'], '--lambda-latent'),
     (['evaluate', '--model-dir', '.', '--lambda-perc', '-0.5'], '--lambda-perc'),
+    (['evaluate', '--model-dir', '.', '--steps', '0'], '--steps'),                # before its fingerprint is written
     (['train-encoder', '--generator', 'g.pt', '--lambda-sim', 'nan'], '--lambda-sim'),
     (['train-classifier', '--lr', 'inf'], '--lr'),
     (['train-classifier', '--trades-steps', '0'], '--trades-steps'),
