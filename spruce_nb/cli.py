@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #d2d9e4b7
 from __future__ import annotations
-import sys, argparse, importlib, importlib.util, platform
+import sys, errno, argparse, importlib, importlib.util, platform
 from .core import CLICommand, __version__
 
 # %% auto #0
@@ -13,7 +13,7 @@ __all__ = ['CLI_MODULES', 'OPTIONAL_PACKAGES', 'doctor_report', 'build_parser', 
 # %% ../nbs/90_cli.ipynb #8608c616
 #: Modules that may declare `cli_commands`, in the order their commands are listed.
 CLI_MODULES = ('data', 'weights', 'training', 'classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'pti', 'piece',
-               'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer', 'disc', 'ace')
+               'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer', 'disc', 'ace', 'compare')
 
 def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, str]]:
     "Collect `cli_commands` from the package's modules; returns (commands, {module: import error})."
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_args(sp); sp.set_defaults(_run=c.run)
     return p
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}   # filesystem faults reported as errors, not tracebacks
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `spruce` console script."
     p = build_parser()
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = args._run(args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f'spruce {args.command}: error: {e}', file=sys.stderr); return 2
+    except OSError as e:                           # a disk that fills up or turns read-only while a run writes: the file and the fix, no traceback
+        if e.errno not in _WRITE_ERRNOS: raise
+        print(f"spruce {args.command}: error: cannot write {e.filename or 'its output'}: {e.strerror or e}. Free some space or choose a writable --out; "
+              "what was written before is complete (every file is written whole or not at all); rerun the command (--resume or the same command continues where it can).", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 # %% ../nbs/90_cli.ipynb #a49957f3

@@ -252,3 +252,15 @@ def test_api_targets_and_image_ranges(md):
     with pytest.raises(ValueError): sp.explain(torch.zeros(1, 3, 1, 1))                  # a 1x1 image is refused, not "explained"
     y = torch.zeros(3, 3, 32, 32); y[2, 0, 5, 5] = float('nan')
     with pytest.raises(ValueError, match=r'image\(s\) \[2\] .*NaN'): sp.explain(y)               # the NaN image is named
+
+def test_a_disk_that_fills_during_a_run_is_an_error_not_a_traceback(md, image, tmp_path, capsys, monkeypatch):
+    import spruce_nb.counterfactual as cf
+    def full(x, path, overwrite=False): raise OSError(28, 'No space left on device', str(path))
+    monkeypatch.setattr(cf, 'save_image', full)                        # after the checks: the disk fills while the outputs are written
+    out = tmp_path / 'x'
+    assert main(['explain', str(image), '--model-dir', str(md), '--out', str(out), '--no-pti', '--steps', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'No space left on device' in err and 'q_original.png' in err and 'Traceback' not in err
+    assert not out.exists()                                            # no half set, no temporary file: the run leaves nothing
+    monkeypatch.undo()
+    assert main(['explain', str(image), '--model-dir', str(md), '--out', str(out), '--no-pti', '--steps', '1']) == 0   # the rerun completes
