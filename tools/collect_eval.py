@@ -6,19 +6,16 @@ Per run: the command, the set-level summary rows (every realism column the run c
 column (the thesis' and ground-truth columns, and the field's cout, s3_effnet, mnac, identity_preserved, sigma_l) its mean with a normal-approximation 95 % interval (1.96·s/√n), so two runs can be compared honestly, and the
 PAIRED columns of every image (keyed by dataset index), so two runs can be compared image by image.
 """
-import argparse, csv, json, math, statistics
+import argparse, csv, json
 from pathlib import Path
+
+from spruce_nb.evaluate import mean_ci      # the package's one implementation of mean ± 1.96·s/√n (also `spruce compare`'s)
 
 COLUMNS = ['flipped', 'confidence', 'l1', 'l1_nearest_target', 'below_nearest', 'lpips', 'recon_mse', 'recon_lpips', 'in_mask', 'edit_cos',
            'leak', 'oracle_flip', 'oracle_d_ctr', 'true_d_ctr', 'crossing_step',
            'cout', 's3_effnet', 'mnac', 'identity_preserved', 'sigma_l']       # the field's protocol (DiME/ACE; 11_metrics §7)
 SET_LEVEL = ('row', 'fid', 'kid', 'cmmd', 'mmd_effnet', 'fd_clf', 'mmd_clf', 'sfid', 'cd')   # older runs: fid/cmmd were on classifier features (see 'extractor')
 PAIRED = ['flipped', 'confidence', 'l1', 'in_mask', 'edit_cos']   # per image, for paired comparisons between runs
-
-
-def mean_ci(v) -> dict | None:
-    "Mean with a normal-approximation 95 % interval (1.96·s/√n); None below two values."
-    return dict(mean=statistics.fmean(v), ci95=1.96 * statistics.stdev(v) / math.sqrt(len(v)), n=len(v)) if len(v) >= 2 else None
 
 
 def per_image_stats(rows: list, columns=COLUMNS) -> dict:

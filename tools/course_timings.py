@@ -31,8 +31,8 @@ SESSIONS = [
      ['09_piece.ipynb', '10_counterfactual.ipynb', '14_explorer.ipynb']),
     ('6. Evaluation', 'metrics against ground truth, the evaluation harness, ablations, the end-to-end demo',
      ['11_metrics.ipynb', '11a_evaluate.ipynb', '12_ablations.ipynb', '13_demo.ipynb']),
-    ('7. Peer methods', 'DISC (image priors and manifold consistency) and ACE (a diffusion model as a filter), scored by the same harness as SPRUCE',
-     ['15_disc.ipynb', '16_ace.ipynb']),
+    ('7. Peer methods', 'DISC (image priors and manifold consistency) and ACE (a diffusion model as a filter), scored by the same harness as SPRUCE; two baselines and one comparison of every method against the truth',
+     ['15_disc.ipynb', '16_ace.ipynb', '17_compare.ipynb']),
 ]
 
 def measure(nb: str, timeout: int = 600) -> dict:
