@@ -246,6 +246,17 @@ def _write_csv(path, rows: list[dict]):
     for r in rows: w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     with atomic_write(path, overwrite=True, mode='w') as f: f.write(buf.getvalue())
 
+def _read_rows(path) -> list[dict]:
+    "The rows `_write_csv` wrote, with their types back (class names and status stay text; empty cells are left out)."
+    import csv
+    def val(k, v):
+        if k in ('source', 'target', 'prediction', 'status'): return v
+        for t in (int, float):
+            try: return t(v)
+            except ValueError: pass
+        return v
+    with open(path, newline='') as f: return [{k: val(k, v) for k, v in r.items() if v != ''} for r in csv.DictReader(f)]
+
 # %% ../nbs/11a_evaluate.ipynb #a742fc89
 @torch.no_grad()
 def nearest_real_l1(images: torch.Tensor,  # [N,3,H,W] in [-1, 1]
@@ -513,6 +524,10 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
     done = all(_batch_file(out, b).exists() for b in range(nb))
     rows, feats, imgs = _load_batches(out, nb if done else None)
     if not done: return EvaluationResult(out, False, rows, [], {}, computed)
+    if not computed and all((out / f).exists() for f in ('report.json', 'per_image.csv', 'summary.md')):   # finished before: its tables stand
+        rep = json.loads((out / 'report.json').read_text())
+        if rep.get('n_evaluated') == len(rows):
+            return EvaluationResult(out, True, _read_rows(out / 'per_image.csv'), rep['summary'], rep, computed, (out / 'summary.md').read_text())
     # set level: real target-class images of the same held-out split
     real_idx = _ordered(_labels_of(ds), names.index(cfg.target_class), cfg.seed + 1)[:cfg.n_real or None]
     real = {e.key: torch.cat([e(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1) for e in exts}
