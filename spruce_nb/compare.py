@@ -18,7 +18,7 @@ from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, ch
 from .counterfactual import (EXPLAINERS, Explanation, Spruce, explainer_from_args, explanation_options, register_explainer,
                                       resolve_targets, warn_unit_range, _SPRUCE_ONLY)
 from .evaluate import (DEFAULT_DATA, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
-                                _get_oracle, _items, _load_batches, _plain, _write_csv)
+                                _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _write_csv)
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
 
 # %% auto #0
@@ -563,11 +563,8 @@ def explainers_from_args(args) -> dict:
     return {m: explainer_from_args(method_args(args, m), classifier=args.classifier, gmms=args.gmms) for m in ms}
 
 def _compare_run(args) -> int:
-    src, sep, tgt = args.classes.partition(':')
-    if not sep or not src or not tgt: raise ValueError(f"--classes {args.classes!r}: expected SOURCE:TARGET, e.g. cardiomegaly:normal.")
     if args.time < 0: raise ValueError(f"--time {args.time}: a number of images, 0 (off) or more.")
-    cfg = EvaluationConfig(source_class=src, target_class=tgt, n=args.n, data=args.data, split=args.split, data_n=args.data_n,
-                           seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
+    cfg = _protocol_from_args(args)                     # the same protocol flags as `spruce evaluate`
     exs = explainers_from_args(args)
     cmd = 'spruce compare ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'compare' else None
     r = compare(exs, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, reference=args.reference,

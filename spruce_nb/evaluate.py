@@ -662,13 +662,16 @@ def _evaluate_args(p):
     p.add_argument('--layout', default=None, choices=['dime'], help="also write the run in DiME/ACE's output layout (OUT/dime/Original, OUT/dime/Results/LABEL/...), which their compute_*.py scripts read")
     p.add_argument('--diversity-seeds', type=nonneg_int, default=0, metavar='K', help='explain every image with K >= 2 seeds and report σ_L, their mean pairwise LPIPS (K times the cost; default off)')
 
-def _evaluate_run(args) -> int:
-    from spruce_nb.counterfactual import Spruce
+def _protocol_from_args(args) -> EvaluationConfig:
+    "The protocol of `spruce evaluate` and `spruce compare` from their shared flags (--classes SOURCE:TARGET, --n, --data, --split, ...)."
     src, sep, tgt = args.classes.partition(':')
     if not sep or not src or not tgt: raise ValueError(f"--classes {args.classes!r}: expected SOURCE:TARGET, e.g. cardiomegaly:normal.")
+    return EvaluationConfig(source_class=src, target_class=tgt, n=args.n, data=args.data, split=args.split, data_n=args.data_n,
+                            seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
+
+def _evaluate_run(args) -> int:
+    cfg = _protocol_from_args(args)
     sp = explainer_from_args(args, classifier=args.classifier, gmms=args.gmms)
-    cfg = EvaluationConfig(source_class=src, target_class=tgt, n=args.n, data=args.data, split=args.split, data_n=args.data_n,
-                           seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
     cmd = 'spruce evaluate ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'evaluate' else None
     r = evaluate_counterfactuals(sp, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, label=args.label,
                                  max_batches=args.max_batches, overwrite=args.overwrite, command=cmd, layout=args.layout, diversity_seeds=args.diversity_seeds)
