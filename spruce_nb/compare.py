@@ -22,10 +22,11 @@ from .evaluate import (DEFAULT_DATA, EvaluationConfig, evaluate_counterfactuals,
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
 
 # %% auto #0
-__all__ = ['PROXY_COLUMNS', 'TRUTH_COLUMNS', 'STANDARD_COLUMNS', 'cli_commands', 'PGDConfig', 'pgd_counterfactual', 'PGD',
-           'LatentShiftConfig', 'latent_shift_search', 'LatentShift', 'plot_comparison_grid', 'causal_errors',
-           'paired_differences', 'spearman', 'proxy_truth_correlations', 'paired_table', 'correlation_table',
-           'ComparisonResult', 'parse_methods', 'compare', 'method_args', 'explainers_from_args']
+__all__ = ['PROXY_COLUMNS', 'TRUTH_COLUMNS', 'STANDARD_COLUMNS', 'LOWER_IS_BETTER', 'cli_commands', 'PGDConfig',
+           'pgd_counterfactual', 'PGD', 'LatentShiftConfig', 'latent_shift_search', 'LatentShift',
+           'plot_comparison_grid', 'causal_errors', 'paired_differences', 'spearman', 'proxy_truth_correlations',
+           'paired_table', 'correlation_table', 'ComparisonResult', 'parse_methods', 'compare', 'method_args',
+           'explainers_from_args']
 
 # %% ../nbs/17_compare.ipynb #954c01c0
 def _pixel_explanation(method: str, x: torch.Tensor, cf: torch.Tensor, source, tgt, probs: torch.Tensor, path: torch.Tensor,
@@ -297,6 +298,11 @@ STANDARD_COLUMNS = [('flip_ratio', 'flip ↑'), ('confidence', 'p(target) ↑'),
                     ('kid', 'KID ↓'), ('sfid', 'sFID ↓'), ('mmd_effnet', 'MMD-EffNet ↓'), ('s3_effnet', 'S³-style ↑'), ('cout', 'COUT ↑'),
                     ('mnac', 'MNAC ↓'), ('cd', 'CD ↓'), ('identity_preserved', 'identity kept ↑'), ('sigma_l', 'σ_L'), ('seconds_per_cf', 's / CF ↓')]
 
+#: columns where lower is better (and every causal error `err_d_*`): their ρ is turned round, so that ρ > 0 always means "agrees on which counterfactual is better"
+LOWER_IS_BETTER = ('l1', 'lpips', 'mnac', 'mse', 'concentration', 'recon_mse')
+
+def _better(k: str) -> int: return -1 if k in LOWER_IS_BETTER or k.startswith('err_d_') else 1
+
 def causal_errors(rows: list[dict]) -> list[str]:
     "Add `err_d_<v>` = |oracle Δv − true Δv| to every row, for each causal variable v the true counterfactuals change; returns those column names."
     names = [k[len('true_d_'):] for k in (rows[0] if rows else {}) if k.startswith('true_d_')]
@@ -339,11 +345,18 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> dict:
 def proxy_truth_correlations(rows: list[dict],              # per-image rows of every method together
                              proxies: Sequence[str] = tuple(k for k, _ in PROXY_COLUMNS),
                              truths: Sequence[str] = tuple(k for k, _ in TRUTH_COLUMNS),
+                             orient: bool = True,          # turn ρ round where one side is lower-is-better (`LOWER_IS_BETTER`): ρ > 0 = they agree
                             ) -> list[dict]:
     "Spearman's ρ between every proxy column and every ground-truth column, over all images of all methods (pairs with a missing value left out)."
     have = lambda k: any(_finite(r.get(k)) for r in rows)
-    return [dict(proxy=p, truth=t, **spearman([r.get(p) for r in rows], [r.get(t) for r in rows]))
-            for p in proxies if have(p) for t in truths if have(t)]
+    out = []
+    for p in proxies:
+        for t in truths:
+            if not (have(p) and have(t)): continue
+            s, sign = spearman([r.get(p) for r in rows], [r.get(t) for r in rows]), _better(p) * _better(t) if orient else 1
+            if sign < 0 and s['rho'] is not None: s.update(rho=-s['rho'], lo=-s['hi'], hi=-s['lo'])
+            out.append(dict(proxy=p, truth=t, oriented=sign < 0, **s))
+    return out
 
 # %% ../nbs/17_compare.ipynb #20c47ca2
 def _row_stats(summary_row: dict, rows: list[dict], extra_columns: Sequence[str]) -> dict:
@@ -498,8 +511,8 @@ def _combine(out: Path, explainers: dict, runs: dict, reference: str, timings: d
            '## Ground truth (phantoms)', '', markdown_table(table, gt_cols), '',
            f'## Paired differences: method − {labels[reference]} on the same images (mean ± 95 % interval)', '',
            paired_table(paired, labels, paired_cols), '',
-           f'## Which proxy agrees with the truth: Spearman ρ [95 % interval] over all {len(flat)} image × method pairs', '',
-           'A proxy that rewards the right change correlates positively with in-region share, edit cosine and oracle flip, and negatively with the causal error.', '',
+           f'## Which proxy agrees with the truth: Spearman ρ [95 % interval] over all {len(flat)} image × method rows', '',
+           'Oriented: where a column is lower-is-better (L1, LPIPS, MNAC, the causal error) its ρ is turned round, so ρ > 0 means the proxy and the truth agree on which counterfactual is better, ρ < 0 that the proxy rewards the wrong one.', '',
            correlation_table(corr, dict(PROXY_COLUMNS + truth))]
     md_text = '\n'.join(md) + '\n'
     _write_csv(out / 'per_image.csv', flat)

@@ -53,7 +53,7 @@ def test_compare_writes_table_csv_paired_and_correlations(run):
     # the correlations are Spearman's over all 8 image × method rows
     from scipy.stats import spearmanr
     c = next(c for c in rep['proxy_truth'] if c['proxy'] == 'l1' and c['truth'] == 'in_mask')
-    assert c['n'] == 8 and abs(c['rho'] - spearmanr([float(r['l1']) for r in rows], [float(r['in_mask']) for r in rows]).statistic) < 1e-9
+    assert c['n'] == 8 and c['oriented'] and abs(c['rho'] + spearmanr([float(r['l1']) for r in rows], [float(r['in_mask']) for r in rows]).statistic) < 1e-9   # L1 is lower-is-better: turned round
     text = (out / 'comparison.md').read_text()
     assert '## Paired differences: method − SPRUCE' in text and 'Spearman' in text and 'in causal region' in text
 
