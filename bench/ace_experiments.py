@@ -1,11 +1,11 @@
 """ACE's DDPM and ACE's mask, measured: the numbers and figure of nbs/16_ace.ipynb (rerun to reproduce them).
 
     OMP_NUM_THREADS=1 python bench/ace_experiments.py samples  [--n 256]  # DDPM vs StyleGAN: FID/KID to real phantoms, same features, same n
-    OMP_NUM_THREADS=1 python bench/ace_experiments.py ablation [--n 16]   # ACE with vs without inpainting on the same pre-explanations
+    OMP_NUM_THREADS=1 python bench/ace_experiments.py ablation [--n 16] [--split val]   # ACE with vs without inpainting on the same pre-explanations, and a sweep of the mask's threshold and dilation
 
 Both add their block to nbs/data/ace_experiments.json (atomically); `samples` also writes nbs/images/ace_samples.png.
 """
-import sys, json, time, argparse
+import sys, json, time, argparse, dataclasses
 from pathlib import Path
 import torch
 from spruce_nb.core import atomic_write, seed_everything, dump_json
@@ -57,7 +57,7 @@ def ablation(a):
     from spruce_nb.classifier import load_classifier
     zoo = Path(a.model_dir)
     ace = ACE(load_classifier(zoo / a.classifier), load_ddpm(zoo / 'ddpm.pt'), ACEConfig(steps=a.steps))
-    ds = dataset_from_spec(TASK, split='test', size=64)
+    ds = dataset_from_spec(TASK, split=a.split, size=64)
     src, tgt = 'cardiomegaly', 'normal'
     ci = ace.classes.index(src)
     idx = [i for i in range(len(ds)) if int(ds[i][1]) == ci][:a.n]
@@ -72,15 +72,31 @@ def ablation(a):
     with torch.no_grad(): cf = inpaint(ace.ddpm, x, pre['pe'], keep, ace.config)
     t_inp = time.time() - t0
     gt = phantom_counterfactuals(ds.modality, ds.seeds[idx], src, tgt, size=64, markers=ds.markers[idx])
-    out = dict(command='python bench/ace_experiments.py ablation ' + ' '.join(sys.argv[2:]), n=len(x), classifier=a.classifier, steps=a.steps,
+    out = dict(command='python bench/ace_experiments.py ablation ' + ' '.join(sys.argv[2:]), n=len(x), split=a.split, classifier=a.classifier, steps=a.steps,
                seconds_per_image=dict(pre_explanation=round(t_pre / len(x), 2), inpainting=round(t_inp / len(x), 2)),
                mask_fraction=_ci((~keep).float().flatten(1).mean(1)))
-    for name, img in (('pre_explanation', pre['pe']), ('inpainted', cf)):
+    def scores(img):
         with torch.no_grad(): p = ace.classifier(img).softmax(-1)[:, ace.classes.index(tgt)]
         m = edit_metrics(img, x, gt['images'], gt['counterfactuals'], gt['masks'])
-        out[name] = dict(flip=_ci((p > 0.5).float()), confidence=_ci(p), l1=_ci((img - x).abs().flatten(1).mean(1) / 2),
-                         **{k: _ci(v) for k, v in m.items()})
-    _update(a.out, f'ablation_{Path(a.classifier).stem}', out)
+        return dict(flip=(p > 0.5).float(), confidence=p, l1=(img - x).abs().flatten(1).mean(1) / 2, **m)
+    base = scores(pre['pe'])
+    for name, s in (('pre_explanation', base), ('inpainted', scores(cf))):
+        out[name] = {k: _ci(v) for k, v in s.items()}
+    # the mask's threshold and dilation: does a tighter mask localise the edit (paired with the same pre-explanations)?
+    sweep = []
+    for thr in a.thresholds:
+        for dil in a.dilations:
+            cfg = dataclasses.replace(ace.config, inpaint=thr, dilation=dil)
+            _, kp = ace_mask(x, pre['pe'], cfg)
+            seed_everything(1)
+            with torch.no_grad(): s = scores(inpaint(ace.ddpm, x, pre['pe'], kp, cfg))
+            sweep.append(dict(inpaint=thr, dilation=dil, mask_fraction=_ci((~kp).float().flatten(1).mean(1)),
+                              **{k: _ci(s[k]) for k in ('flip', 'in_mask', 'edit_cos', 'l1')},
+                              in_mask_gain=_ci(s['in_mask'] - base['in_mask'])))
+            print(f"inpaint {thr} dilation {dil}: mask {sweep[-1]['mask_fraction']['mean']:.2f} flip {sweep[-1]['flip']['mean']:.2f} "
+                  f"in-mask {sweep[-1]['in_mask']['mean']:.3f} (gain {sweep[-1]['in_mask_gain']['mean']:+.3f} ± {sweep[-1]['in_mask_gain']['ci95']:.3f})", flush=True)
+    out['mask_sweep'] = sweep
+    _update(a.out, f'ablation_{Path(a.classifier).stem}' + ('' if a.split == 'test' else f'_{a.split}'), out)
     print(json.dumps(out, indent=1))
     import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
     rows = [(x, 'original'), (pre['pe'], 'pre-explanation'), ((~keep).float() * 2 - 1, 'mask'), (cf, 'ACE counterfactual'), (gt['counterfactuals'], 'true counterfactual')]
@@ -90,6 +106,7 @@ def ablation(a):
             axs[r, c].imshow(imgs[c, 0].cpu(), cmap='gray', vmin=-1, vmax=1); axs[r, c].axis('off')
         axs[r, 0].set_title(name, fontsize=9, loc='left')
     fig.tight_layout()
+    if a.split != 'test': return                                        # the notebook's figure shows the test images
     with atomic_write(a.figure.replace('ace_samples', 'ace_steps'), overwrite=True) as f: fig.savefig(f, format='png', dpi=90)
 
 if __name__ == '__main__':
@@ -99,6 +116,9 @@ if __name__ == '__main__':
     ap.add_argument('--n', type=int, default=None, help='images (samples: 256, ablation: 16)')
     ap.add_argument('--steps', type=int, default=None, help='samples: respaced sampling steps (50); ablation: attack steps (50)')
     ap.add_argument('--classifier', default='classifier.pt')
+    ap.add_argument('--split', default='test', choices=['val', 'test'], help="ablation: phantom split ('val' to choose settings, 'test' to report them)")
+    ap.add_argument('--thresholds', type=float, nargs='+', default=[0.15, 0.3, 0.5], help='ablation: mask thresholds to sweep (ACE: 0.15)')
+    ap.add_argument('--dilations', type=int, nargs='+', default=[1, 5], help='ablation: mask dilations to sweep (ours: 5; ACE: 15 at 128-256 px)')
     ap.add_argument('--out', default='nbs/data/ace_experiments.json')
     ap.add_argument('--figure', default='nbs/images/ace_samples.png')
     a = ap.parse_args()
