@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, check_images, dump_json, get_device, image_to_numpy, positive_int
+from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, check_images, dump_json, get_device, image_to_numpy, positive_int, nonneg_int
 from .counterfactual import (EXPLAINERS, Explanation, Spruce, explainer_from_args, explanation_options, register_explainer,
                                       resolve_targets, warn_unit_range, _SPRUCE_ONLY)
 from .evaluate import (DEFAULT_DATA, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
-                                _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _write_csv)
+                                _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _write_csv)
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
 
 # %% auto #0
@@ -532,22 +532,9 @@ def _dest(method: str) -> str: return method.replace('-', '_')
 
 def _compare_args(p):
     p.add_argument('--methods', required=True, help=f"comma-separated methods to compare, from {', '.join(sorted(EXPLAINERS))} (e.g. spruce,disc,ace,pgd,latent-shift)")
-    p.add_argument('--model-dir', required=True, help='model directory every method loads from (e.g. spruce_nb/zoo/cxr64)')
-    p.add_argument('--classifier', default='classifier.pt', help='the explained classifier in --model-dir (the same for every method)')
-    p.add_argument('--gmms', default='gmms.pt', help="that classifier's feature GMMs (SPRUCE)")
-    p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names')
-    p.add_argument('--n', type=positive_int, default=100, help='correctly classified source images (default 100)')
-    p.add_argument('--out', required=True, help='output directory: OUT/<method>/ per method (a `spruce evaluate` run), the combined tables in OUT')
-    p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data (default {DEFAULT_DATA})')
-    p.add_argument('--split', default='test')
-    p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the split')
-    p.add_argument('--seed', type=int, default=0, help='order in which source images are drawn')
-    p.add_argument('--batch-size', type=positive_int, default=16)
-    p.add_argument('--n-real', type=positive_int, default=None, help='real target images for the set-level columns (default: all in the split)')
-    p.add_argument('--extractor', nargs='+', default=['auto'], help="set-level features, as `spruce evaluate --extractor`")
-    p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle (default: fit one into OUT/oracle.pt, used for every method)')
+    _protocol_options(p, 100, 'output directory: OUT/<method>/ per method (a `spruce evaluate` run), the combined tables in OUT')   # as `spruce evaluate`
     p.add_argument('--reference', default=None, help='the method the others are paired with (default spruce, else the first)')
-    p.add_argument('--time', type=int, default=0, metavar='K', help='also time every method on the first K images, one after the other (default 0: off)')
+    p.add_argument('--time', type=nonneg_int, default=0, metavar='K', help='also time every method on the first K images, one after the other (default 0: off)')
     p.add_argument('--max-batches', type=positive_int, default=None, help='per method: stop after this many new batches (continue with the same command)')
     p.add_argument('--overwrite', action='store_true', help="discard compare's outputs and every method's run in --out")
     explanation_options(p)                              # every method's own flags (--disc-*, --ace-*, --pgd-*, ...) and SPRUCE's
@@ -576,16 +563,13 @@ def explainers_from_args(args) -> dict:
     return {m: explainer_from_args(method_args(args, m), classifier=args.classifier, gmms=args.gmms) for m in ms}
 
 def _compare_run(args) -> int:
-    if args.time < 0: raise ValueError(f"--time {args.time}: a number of images, 0 (off) or more.")
     cfg = _protocol_from_args(args)                     # the same protocol flags as `spruce evaluate`
-    exs = explainers_from_args(args)
-    cmd = 'spruce compare ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'compare' else None
-    r = compare(exs, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, reference=args.reference,
-                timing=args.time, max_batches=args.max_batches, overwrite=args.overwrite, command=cmd)
-    if not r.complete:
+    r = compare(explainers_from_args(args), args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle,
+                reference=args.reference, timing=args.time, max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('compare'))
+    if r.complete: print(r.markdown)
+    else:
         print(f"stopped with {sum(len(x.rows) for x in r.runs.values())} image × method results; run the same command again to continue.")
         return 0
-    print(r.markdown)
     print(f"wrote {args.out}/comparison.md, comparison.json, per_image.csv, figure.png; one `spruce evaluate` run per method in {args.out}/<method>/")
     return 0
 

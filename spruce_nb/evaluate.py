@@ -640,13 +640,14 @@ def tiny_model_dir(path,                     # directory to write classifier.pt,
     return d
 
 # %% ../nbs/11a_evaluate.ipynb #1c64c6c9
-def _evaluate_args(p):
+def _protocol_options(p, n: int = 500, out_help: str = ''):
+    "The flags of the protocol, shared by `spruce evaluate` and `spruce compare` (read back by `_protocol_from_args`)."
     p.add_argument('--model-dir', required=True, help='directory with classifier.pt, generator.pt, encoder.pt, gmms.pt (e.g. a model-zoo entry)')
     p.add_argument('--classifier', default='classifier.pt', help='classifier file in --model-dir (e.g. classifier_trades8.pt for a robust one)')
     p.add_argument('--gmms', default='gmms.pt', help="that classifier's feature GMMs in --model-dir")
     p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names (default cardiomegaly:normal)')
-    p.add_argument('--n', type=positive_int, default=500, help='correctly classified source images to explain (thesis: 500)')
-    p.add_argument('--out', required=True, help='output directory (an unfinished run there is continued; a run there with a smaller --n and otherwise the same settings is extended)')
+    p.add_argument('--n', type=positive_int, default=n, help=f'correctly classified source images to explain (default {n})')
+    p.add_argument('--out', required=True, help=out_help)
     p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data: phantoms:TASK, folder:PATH or medmnist:PATH.npz (default {DEFAULT_DATA})')
     p.add_argument('--split', default='test', help='held-out split (default test)')
     p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the split (default 1000 for test)')
@@ -655,6 +656,9 @@ def _evaluate_args(p):
     p.add_argument('--n-real', type=positive_int, default=None, help='real target images, the reference of the set-level columns (default: all in the split)')
     p.add_argument('--extractor', nargs='+', default=['auto'], help="features of the set-level columns: 'auto' (FID-Inception → fid, kid and EfficientNet-Lite0 → mmd_effnet where `spruce weights install` put them, plus the explained classifier → fd_clf, mmd_clf), or any of 'classifier', a classifier .pt, 'inception', 'effnet', 'clip'")
     p.add_argument('--oracle', default=None, help='phantoms: a saved PhantomOracle .pt (default: fit one and save it in --out)')
+
+def _evaluate_args(p):
+    _protocol_options(p, 500, 'output directory (an unfinished run there is continued; a run there with a smaller --n and otherwise the same settings is extended)')
     explanation_options(p)   # T, λs, LPIPS trunks, PTI, --device: the same as `spruce explain`
     p.add_argument('--label', default=None, help="name of the method row in the table (default: the method's name, e.g. SPRUCE)")
     p.add_argument('--max-batches', type=positive_int, default=None, help='stop after this many new batches (continue later with the same command)')
@@ -669,12 +673,15 @@ def _protocol_from_args(args) -> EvaluationConfig:
     return EvaluationConfig(source_class=src, target_class=tgt, n=args.n, data=args.data, split=args.split, data_n=args.data_n,
                             seed=args.seed, batch_size=args.batch_size, n_real=args.n_real)
 
+def _command_line(name: str) -> str | None:
+    "`spruce NAME …` as typed, for the reports (None when not run as that command)."
+    return f'spruce {name} ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == name else None
+
 def _evaluate_run(args) -> int:
     cfg = _protocol_from_args(args)
     sp = explainer_from_args(args, classifier=args.classifier, gmms=args.gmms)
-    cmd = 'spruce evaluate ' + ' '.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == 'evaluate' else None
     r = evaluate_counterfactuals(sp, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, label=args.label,
-                                 max_batches=args.max_batches, overwrite=args.overwrite, command=cmd, layout=args.layout, diversity_seeds=args.diversity_seeds)
+                                 max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('evaluate'), layout=args.layout, diversity_seeds=args.diversity_seeds)
     if not r.complete:
         print(f"stopped after {len(r.computed_batches)} new batch(es); {len(r.rows)} of the images done. Run the same command again to continue.")
         return 0
