@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_compare.ipynb #7912407b
 from __future__ import annotations
-import argparse, json, math, re, sys, time, warnings
+import argparse, contextlib, json, math, re, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,15 +18,16 @@ from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, ch
 from .counterfactual import (EXPLAINERS, Explanation, Spruce, explainer_from_args, explanation_options, register_explainer,
                                       resolve_targets, warn_unit_range, _SPRUCE_ONLY)
 from .evaluate import (DEFAULT_DATA, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
-                                _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _write_csv)
+                                _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _read_rows, _write_csv,
+                                from_rank0, torchrun_group)
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
 
 # %% auto #0
-__all__ = ['PROXY_COLUMNS', 'TRUTH_COLUMNS', 'STANDARD_COLUMNS', 'LOWER_IS_BETTER', 'cli_commands', 'PGDConfig',
-           'pgd_counterfactual', 'PGD', 'LatentShiftConfig', 'latent_shift_search', 'LatentShift',
+__all__ = ['PROXY_COLUMNS', 'TRUTH_COLUMNS', 'STANDARD_COLUMNS', 'LOWER_IS_BETTER', 'cli_commands', 'SHORTCUT_STRENGTHS',
+           'PGDConfig', 'pgd_counterfactual', 'PGD', 'LatentShiftConfig', 'latent_shift_search', 'LatentShift',
            'plot_comparison_grid', 'causal_errors', 'paired_differences', 'spearman', 'proxy_truth_correlations',
            'paired_table', 'correlation_table', 'ComparisonResult', 'parse_methods', 'compare', 'method_args',
-           'explainers_from_args']
+           'explainers_from_args', 'shortcut_table', 'shortcut_markdown']
 
 # %% ../nbs/17_compare.ipynb #954c01c0
 def _pixel_explanation(method: str, x: torch.Tensor, cf: torch.Tensor, source, tgt, probs: torch.Tensor, path: torch.Tensor,
@@ -464,11 +465,15 @@ def compare(explainers: dict,                  # method name (its sub-directory)
     res = {e.resolution for e in explainers.values()}
     if len(res) > 1: raise ValueError(f"the methods work at different resolutions {sorted(res)}; compare needs one.")
     out = Path(out_dir)
-    with OutputDir(out, 'compare', overwrite=overwrite) as od:
-        od.claim(list(_OUTPUTS) + names, resume=True, adopt=not (out / OUTPUT_MARKER).exists())   # runs copied into a new compare dir are adopted
-        if overwrite: od.remove_own()
-        ds = dataset_from_spec(data, split=cfg.split, size=res.pop(), n=cfg.data_n, seed=cfg.data_seed) if isinstance(data, str) else data
-        orc, _ = _get_oracle(ds, oracle, out, cfg)             # one oracle for every method
+    ds = dataset_from_spec(data, split=cfg.split, size=res.pop(), n=cfg.data_n, seed=cfg.data_seed) if isinstance(data, str) else data
+    with contextlib.ExitStack() as held:
+        def hold():     # rank 0 (the only rank without torchrun) locks and claims out_dir and fits the oracle; every rank runs every method's share
+            od = held.enter_context(OutputDir(out, 'compare', overwrite=overwrite))
+            od.claim(list(_OUTPUTS) + names, resume=True, adopt=not (out / OUTPUT_MARKER).exists())   # runs copied into a new compare dir are adopted
+            if overwrite: od.remove_own()
+            _get_oracle(ds, oracle, out, cfg)
+        from_rank0(hold)
+        orc, _ = _get_oracle(ds, oracle, out, cfg)             # one oracle for every method (and every rank)
         runs = {}
         for m, ex in explainers.items():
             if show_progress: print(f"compare: {m} → {out / m}", file=sys.stderr)
@@ -476,8 +481,10 @@ def compare(explainers: dict,                  # method name (its sub-directory)
                                                oracle=orc if orc is not None else oracle, max_batches=max_batches, command=command,
                                                show_progress=show_progress)
         if not all(r.complete for r in runs.values()): return ComparisonResult(out, False, runs)
-        timings = _time_methods(explainers, _items(ds, [r['index'] for r in runs[reference].rows[:timing]]), cfg.target_class, out) if timing else {}
-        return _combine(out, explainers, runs, reference, timings, cfg, command)
+        def combine():  # rank 0: the timings (one process, the methods in turn) and the combined tables
+            timings = _time_methods(explainers, _items(ds, [r['index'] for r in runs[reference].rows[:timing]]), cfg.target_class, out) if timing else {}
+            return _combine(out, explainers, runs, reference, timings, cfg, command)
+        return from_rank0(combine)
 
 def _combine(out: Path, explainers: dict, runs: dict, reference: str, timings: dict, cfg, command) -> ComparisonResult:
     "The combined outputs of finished runs (rewritten on every call; the runs themselves are not recomputed)."
@@ -564,8 +571,11 @@ def explainers_from_args(args) -> dict:
 
 def _compare_run(args) -> int:
     cfg = _protocol_from_args(args)                     # the same protocol flags as `spruce evaluate`
-    r = compare(explainers_from_args(args), args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle,
-                reference=args.reference, timing=args.time, max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('compare'))
+    with torchrun_group() as (rank, world):             # under torchrun: each method's batches shared by the processes (a no-op without)
+        r = compare(explainers_from_args(args), args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle,
+                    reference=args.reference, timing=args.time, max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('compare'),
+                    show_progress=rank == 0)
+    if rank > 0: return 0                               # rank 0 reports
     if r.complete: print(r.markdown)
     else:
         print(f"stopped with {sum(len(x.rows) for x in r.runs.values())} image × method results; run the same command again to continue.")
@@ -575,3 +585,51 @@ def _compare_run(args) -> int:
 
 cli_commands = [CLICommand('compare', 'compare counterfactual methods on the same images, classifier, metric networks and oracle: one table, per-image CSV, paired differences, proxy–truth correlations; resumable',
                            _compare_args, _compare_run)]
+
+# %% ../nbs/17_compare.ipynb #d4ca491e
+SHORTCUT_STRENGTHS = (1.0, 0.5, 0.0)   # the marker–label co-occurrence of the shortcut test's classifiers (FastDiME's protocol)
+
+def _shortcut_stats(rows: list[dict]) -> dict:
+    "One method × strength cell: the marker edits of its counterfactuals and the classifier's reliance on the marker, on the same images."
+    out = dict(n=len(rows), n_marked=sum(int(r['marker']) for r in rows))
+    for k, sel in (('edited', rows), ('removed', [r for r in rows if r['marker']]), ('added', [r for r in rows if not r['marker']])):
+        s = mean_ci([r['marker_edited'] for r in sel])
+        out[k], out[f'{k}_ci95'] = (s['mean'], s['ci95']) if s else (float('nan'), float('nan'))
+    for r in rows: r['marker_toggle_edit'] = r['marker_toggle'] - r['marker_toggle_recon']   # the method's own edit of the marker, beyond its inversion
+    for k in ('marker_toggle', 'marker_toggle_recon', 'marker_toggle_edit', 'marker_share', 'marker_dp', 'marker_flips'):
+        s = mean_ci([r[k] for r in rows if _finite(r.get(k))])
+        out[k], out[f'{k}_ci95'] = (s['mean'], s['ci95']) if s else (float('nan'), float('nan'))
+    return out
+
+def shortcut_table(runs: dict,                   # strength S -> a finished `spruce compare` directory on marker data (per_image.csv, comparison.json)
+                   accuracy: dict | None = None, # optional S -> {'balanced': acc on @spurious=0, 'anti': acc on @spurious=-1, ...} of that classifier
+                  ) -> list[dict]:
+    "Per strength × method: share of counterfactuals that edit the marker (all, removed, added), mean marker toggle, the inversion's toggle and the rest (`marker_toggle_edit`), and the classifier's reliance."
+    out = []
+    for s, d in runs.items():
+        d = Path(d)
+        if not (d / 'per_image.csv').exists(): raise FileNotFoundError(f"{d}: no per_image.csv; finish its `spruce compare` run first (the same command continues it).")
+        rows = _read_rows(d / 'per_image.csv')
+        if not rows or 'marker_edited' not in rows[0]:
+            raise ValueError(f"{d}: its rows have no marker columns; run `spruce compare` there with --data phantoms:TASK@spurious=0 (marker-balanced held-out data).")
+        labels = {m: v['label'] for m, v in json.loads((d / 'comparison.json').read_text())['methods'].items()}
+        for m in dict.fromkeys(r['method'] for r in rows):
+            out.append(dict(strength=float(s), method=m, label=labels.get(m, m), **_shortcut_stats([r for r in rows if r['method'] == m]),
+                            **{f'accuracy_{k}': v for k, v in (accuracy or {}).get(s, {}).items()}))
+    return out
+
+def shortcut_markdown(table: list[dict]) -> str:
+    "Methods down, strengths across: % of counterfactuals that edit the marker (removed / added), under the classifier's own reliance on it."
+    ss = sorted({t['strength'] for t in table}, reverse=True)
+    by = {(t['label'], t['strength']): t for t in table}
+    pct = lambda v, ci=None: '–' if not _finite(v) else f'{100 * v:.0f} %' + ('' if not _finite(ci) else f' ± {100 * ci:.0f}')
+    head = ['| | ' + ' | '.join(f'S = {s:g}' for s in ss) + ' |', '|---|' + '---:|' * len(ss)]
+    first = {s: next(t for t in table if t['strength'] == s) for s in ss}
+    lines = head + ['| classifier: accuracy balanced / anti-correlated | ' + ' | '.join(
+                        f"{pct(first[s].get('accuracy_balanced'))} / {pct(first[s].get('accuracy_anti'))}" for s in ss) + ' |',
+                    '| classifier: Δp(target) when only the marker is toggled | ' + ' | '.join(f"{first[s]['marker_dp']:+.3f} ± {first[s]['marker_dp_ci95']:.3f}" for s in ss) + ' |',
+                    '| classifier: flipped by the marker alone | ' + ' | '.join(pct(first[s]['marker_flips']) for s in ss) + ' |']
+    for lab in dict.fromkeys(t['label'] for t in table):
+        lines.append(f'| **{lab}**: edits the marker (removes / adds) | ' + ' | '.join(
+            '–' if (lab, s) not in by else f"{pct(by[(lab, s)]['edited'], by[(lab, s)]['edited_ci95'])} ({pct(by[(lab, s)]['removed'])} / {pct(by[(lab, s)]['added'])})" for s in ss) + ' |')
+    return '\n'.join(lines)

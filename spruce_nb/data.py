@@ -581,7 +581,8 @@ class PhantomDataset(Dataset):
     @property
     def task(self) -> str: return phantom_task(self.modality, self.classes)
     def __len__(self): return self.n
-    def __repr__(self): return f"PhantomDataset({self.task!r}, n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r})"
+    def __repr__(self): return (f"PhantomDataset({self.task!r}, n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r}"
+                                + (f", spurious={self.spurious:g})" if self.spurious is not None else ')'))
 
     def _chunk(self, c):
         if c not in self._cache:
@@ -653,7 +654,17 @@ def parse_phantom_task(task: str) -> tuple[str, tuple]:
 # %% ../nbs/02_data.ipynb #eada7481
 DEFAULT_SPLIT_SIZES = {'train': 10000, 'val': 1000, 'test': 1000}  # phantom items per split when `n` is not given
 
-def dataset_from_spec(spec: str,            # 'phantoms:TASK', 'folder:PATH', 'medmnist:PATH.npz' or a directory
+def _spurious_option(spec: str, opt: str) -> float:
+    "The S of a phantom spec's '@spurious=S' (the corner marker's correlation with the label, in [-1, 1])."
+    key, eq, val = opt.partition('=')
+    try: s = float(val) if key.strip() == 'spurious' and eq else float('nan')
+    except ValueError: s = float('nan')
+    if not -1 <= s <= 1:
+        raise ValueError(f"--data {spec!r}: the only phantom option is '@spurious=S' with S in [-1, 1] (the corner marker's correlation "
+                         "with the label: 1 = every diseased image and no healthy one carries it, 0 = half of each), e.g. 'phantoms:cxr@spurious=0.5'.")
+    return s
+
+def dataset_from_spec(spec: str,            # 'phantoms:TASK[@spurious=S]', 'folder:PATH', 'medmnist:PATH.npz' or a directory
                       split: str = 'train', # 'train', 'val', 'test' (or None: a whole folder)
                       size: int | None = 64,# image size (None: a folder's own size / its modality preprocessing)
                       n: int | None = None, # phantoms: number of items (default DEFAULT_SPLIT_SIZES[split])
@@ -664,7 +675,9 @@ def dataset_from_spec(spec: str,            # 'phantoms:TASK', 'folder:PATH', 'm
     spec = str(spec).strip()
     kind, _, rest = spec.partition(':')
     if kind == 'phantoms':
-        mod, classes = parse_phantom_task(rest or DEFAULT_TASK)
+        task, _, opt = rest.partition('@')
+        if opt: kwargs = dict(kwargs, spurious=_spurious_option(spec, opt))
+        mod, classes = parse_phantom_task(task or DEFAULT_TASK)
         return PhantomDataset(mod, n=n or DEFAULT_SPLIT_SIZES.get(split or 'train', 1000), size=size or 64, seed=seed,
                               classes=classes, split=split or 'train', **kwargs)
     if kind == 'medmnist' or spec.endswith('.npz'):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11a_evaluate.ipynb #a4eb0d10
 from __future__ import annotations
-import json, math, os, platform, sys, time, shutil, warnings
+import contextlib, json, math, os, platform, sys, time, shutil, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,12 +18,15 @@ from .counterfactual import explanation_options, explainer_from_args
 from .core import (CLICommand, Config, atomic_write, OutputDir, get_device, progress, seed_everything, state_sha256,
                             file_sha256, image_to_numpy, is_tiny, check_images, positive_int, dump_json)
 from .core import nonneg_int
+import torch.distributed as dist
+from .training import init_distributed, cleanup_distributed, _dist_on
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS', 'GT_COLUMNS', 'cli_commands',
-           'EvaluationConfig', 'select_correctly_classified', 'mean_ci', 'summarise', 'markdown_table',
-           'nearest_real_l1', 'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors',
-           'evaluate_counterfactuals', 'export_dime_layout', 'tiny_model_dir']
+__all__ = ['DEFAULT_DATA', 'MARKER_TOGGLED', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS',
+           'MARKER_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'SHARD_TIMEOUT_S', 'EvaluationConfig',
+           'select_correctly_classified', 'marker_columns', 'mean_ci', 'summarise', 'markdown_table', 'nearest_real_l1',
+           'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals',
+           'export_dime_layout', 'tiny_model_dir', 'rank_world', 'from_rank0', 'all_ranks_done', 'torchrun_group']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -154,6 +157,8 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
                 feats['oracle_changes'] = (a['delta'] * a['changed']).float()   # for CD at the end (0 where within tolerance)
         for j, name in enumerate(ds.causal_names):
             cols[f'true_d_{name}'] = (gt['cf_causal'][:, j] - gt['causal'][:, j]).float()
+        if getattr(ds, 'spurious', None) is not None:                          # the shortcut test (only on data with the marker)
+            cols.update(marker_columns(clf, ds, idx, src, tgt, spruce.classes, orig, rec, cf))
         gt_imgs = dict(true_counterfactual=_u8(gt['counterfactuals'][:keep_images]), mask=gt['masks'][:keep_images].clone())
     rows = []
     for i, j in enumerate(idx):
@@ -165,6 +170,38 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
     imgs = dict(original=_u8(orig[:keep_images]), reconstruction=_u8(rec[:keep_images]), counterfactual=_u8(cf[:keep_images]), **gt_imgs)
     return dict(indices=[int(j) for j in idx], rows=rows, features=feats, images=imgs)
 
+# %% ../nbs/11a_evaluate.ipynb #de967b16
+MARKER_TOGGLED = 0.5   # a counterfactual edits the marker when it performs at least half of the marker's removal or addition (`marker_toggle`)
+
+@torch.no_grad()
+def marker_columns(classifier: nn.Module,   # the explained classifier (images in [-1, 1] -> logits)
+                   ds,                      # a PhantomDataset made with `spurious=` (its `.markers`)
+                   idx: list,               # the batch's dataset indices
+                   source: str, target: str, # class names (`target` indexes `classes`)
+                   classes: Sequence[str],  # the classifier's class names
+                   orig: torch.Tensor,      # [N,3,H,W] the originals (the dataset's images)
+                   rec: torch.Tensor,       # the reconstructions (= orig for pixel methods)
+                   cf: torch.Tensor,        # the counterfactuals
+                  ) -> dict:
+    "The shortcut test's per-image columns (each a [N] tensor): marker, marker_toggle, marker_edited, marker_toggle_recon, marker_share, marker_dp, marker_flips."
+    from spruce_nb.data import phantom_counterfactuals, marker_mask
+    if getattr(ds, 'spurious', None) is None: raise ValueError("marker_columns: the data have no spurious marker; make them with spurious=S (--data phantoms:TASK@spurious=S).")
+    has, n = ds.markers[list(idx)], len(idx)
+    M = marker_mask(ds.size)
+    draw = lambda mk: phantom_counterfactuals(ds.modality, ds.seeds[list(idx)], source, target, size=ds.size, markers=mk)['images']
+    toggled = torch.where(has.view(-1, 1, 1, 1), draw(torch.zeros(n, dtype=torch.bool)), draw(torch.ones(n, dtype=torch.bool)))
+    x = orig.float().cpu()
+    d = (toggled - x).mean(1)[:, M]                                             # [N, |M|]: the full removal / addition
+    toggle = lambda y: ((y.float().cpu() - x).mean(1)[:, M] * d).sum(1) / d.square().sum(1).clamp_min(1e-12)
+    t = toggle(cf)
+    e = (cf.float().cpu() - x).mean(1).square().flatten(1)
+    dev = next(classifier.parameters()).device
+    ti = list(classes).index(target)
+    p0, p1 = (classifier(z.to(dev)).float().softmax(-1)[:, ti].cpu() for z in (x, toggled))
+    return dict(marker=has.float(), marker_toggle=t, marker_edited=(t >= MARKER_TOGGLED).float(), marker_toggle_recon=toggle(rec),
+                marker_share=e[:, M.flatten()].sum(1) / e.sum(1).clamp_min(1e-12), marker_dp=p1 - p0, marker_flips=(p1 > 0.5).float() if len(classes) == 2
+                else (classifier(toggled.to(dev)).argmax(-1).cpu() == ti).float())
+
 # %% ../nbs/11a_evaluate.ipynb #7ef8d52d
 #: realism columns, each named after the features it was computed on (11_metrics §3); a table shows those a run has
 REALISM_COLUMNS = [('fid', 'FID ↓'), ('kid', 'KID ↓'), ('cmmd', 'CMMD ↓'), ('mmd_effnet', 'MMD-EffNet ↓'),
@@ -175,7 +212,11 @@ EXTRA_COLUMNS = [('mse', 'MSE ↓'), ('lpips', 'LPIPS ↓'), ('concentration', '
 #: the field's protocol (DiME, ACE; 11_metrics §7): COUT, sFID, S³-style closeness, σ_L, and the oracle's MNAC, CD, identity, flip
 FIELD_COLUMNS = [('cout', 'COUT ↑'), ('sfid', 'sFID ↓'), ('s3_effnet', 'S³-style (EffNet) ↑'), ('sigma_l', 'σ_L'), ('mnac', 'MNAC ↓'),
                  ('cd', 'CD ↓'), ('identity_preserved', 'Identity kept ↑'), ('oracle_flip', 'Oracle flip ↑')]
-_PCT = ('flip_ratio', 'oracle_flip', 'identity_preserved', 'below_nearest')
+_PCT = ('flip_ratio', 'oracle_flip', 'identity_preserved', 'below_nearest', 'marker', 'marker_edited', 'marker_flips')
+#: the shortcut test's columns (data with the spurious marker; `marker_columns`)
+MARKER_COLUMNS = [('marker', 'Marker in original'), ('marker_edited', 'Marker edited ↕'), ('marker_toggle', 'Marker toggled (share)'),
+                  ('marker_toggle_recon', 'Marker toggled by the inversion'), ('marker_share', 'Edit energy in marker'),
+                  ('marker_dp', 'Classifier Δp(target), marker toggled alone'), ('marker_flips', 'Marker alone flips the classifier')]
 GT_COLUMNS = [('edit_err', 'Edit error ↓'), ('in_mask', 'In-mask energy ↑'), ('edit_cos', 'Edit cosine ↑'), ('leak', 'Leakage ↓'),
               ('t_star', 't* (→1)'), ('path_residual', 'Path residual ↓'), ('oracle_flip', 'Oracle flip ↑')]
 
@@ -446,7 +487,7 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
                              config: EvaluationConfig | None = None, # overrides the protocol fields above when given
                              oracle=None,                # phantoms: PhantomOracle / path / None (fit one) / False (no oracle columns)
                              label: str | None = None,   # name of the method row in the table (default: the explainer's `method`)
-                             max_batches: int | None = None, # compute at most this many new batches, then stop (complete=False)
+                             max_batches: int | None = None, # compute at most this many new batches (all ranks together), then stop (complete=False)
                              on_batch: Callable | None = None, # fn(batch_number, rows) after each saved batch
                              overwrite: bool = False,    # discard a previous run in out_dir instead of continuing it
                              command: str | None = None, # the command line, recorded in the report
@@ -470,10 +511,13 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
         if c not in names or c not in spruce.classes:
             raise ValueError(f"class {c!r}: the data has classes {names} and the classifier {list(spruce.classes)}; pass --classes SOURCE:TARGET from both.")
     out = Path(out_dir)
-    with OutputDir(out, 'evaluate', overwrite=overwrite) as od:    # locked; files of other commands or the user are never touched
-        od.claim(_OUTPUTS + ('batches', 'dime'), resume=True, adopt=(out / 'fingerprint.json').exists())
-        if overwrite: od.remove_own()                               # evaluate's own files only
-        (out / 'batches').mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        def hold():     # rank 0 (the only rank without torchrun) locks and claims the directory for the run; other ranks write their batches inside it
+            od = held.enter_context(OutputDir(out, 'evaluate', overwrite=overwrite))   # files of other commands or the user are never touched
+            od.claim(_OUTPUTS + ('batches', 'dime'), resume=True, adopt=(out / 'fingerprint.json').exists())
+            if overwrite: od.remove_own()                           # evaluate's own files only
+            (out / 'batches').mkdir(parents=True, exist_ok=True)
+        from_rank0(hold)
         return _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, max_batches, show_progress, on_batch, command,
                             nearest_split, layout, diversity_seeds, t0)
 
@@ -491,6 +535,37 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
     if layout: fp['layout'] = layout                       # recorded only when used: runs made before these options still resume
     if diversity_seeds: fp['diversity_seeds'] = int(diversity_seeds)
     fpf = out / 'fingerprint.json'
+    rank, world = rank_world()
+    def prepare():      # rank 0: the settings checked and recorded, the selection, the oracle, the batches still to do
+        _check_or_record(out, fp, fpf, spruce, ds, cfg)
+        sel = _selection(out, spruce, ds, cfg)
+        src = _get_oracle(ds, oracle, out, cfg)[1]
+        nb = math.ceil(len(sel['indices']) / cfg.batch_size)
+        todo = [b for b in range(nb) if not _batch_file(out, b).exists()]
+        return dict(sel=sel, oracle_src=src, nb=nb, todo=todo[:max_batches] if max_batches is not None else todo)
+    plan = from_rank0(prepare)
+    sel, idx, nb = plan['sel'], plan['sel']['indices'], plan['nb']
+    orc = _get_oracle(ds, oracle, out, cfg)[0]   # every rank: the one rank 0 fitted and saved (or the one given)
+    orc_src = plan['oracle_src']
+    computed, err = [], None
+    try:                # batch b of the plan's list is computed by rank (position mod world size): one rank = all of them
+        for b in progress(plan['todo'][rank::world], desc='evaluate' + (f' (rank 0 of {world})' if world > 1 else ''),
+                          disable=not show_progress or rank > 0 or None):
+            seed_everything(cfg.seed * 100003 + b)
+            d = _score_batch(spruce, ds, idx[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.source_class, cfg.target_class, exts, orc, cfg,
+                             keep_images=cfg.batch_size if layout else max(0, cfg.n_figure - b * cfg.batch_size),
+                             diversity_seeds=diversity_seeds, seed=cfg.seed * 100003 + b)
+            d['batch'], d['rank'] = b, rank                 # which process computed it (a record; the numbers do not depend on it)
+            with atomic_write(_batch_file(out, b), overwrite=True) as f: torch.save(d, f)
+            computed.append(b)
+            if on_batch is not None: on_batch(b, d['rows'])
+    except Exception as e: err = e
+    computed = all_ranks_done(computed, err, 'evaluate')   # the batches every rank computed; an error on any rank stops all
+    return from_rank0(_finish, out, spruce, data, cfg, ds, names, exts, ext_names, lp, label, fp, sel, orc, orc_src, nb, computed,
+                      command, nearest_split, layout, t0)
+
+def _check_or_record(out, fp, fpf, spruce, ds, cfg):
+    "A run in `out` must have been made with the same settings (a larger N extends it); a new run records them."
     if fpf.exists():
         old = json.loads(fpf.read_text())
         diff = sorted(k for k in set(old) | set(fp) if json.dumps(old.get(k), sort_keys=True) != json.dumps(_plain(fp.get(k)), sort_keys=True))
@@ -500,27 +575,18 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
                                   "Choose another --out, or pass --overwrite (overwrite=True) to start again.")
     else:
         with atomic_write(fpf, mode='w') as f: dump_json(_plain(fp), f, indent=1, sort_keys=True)
+
+def _selection(out, spruce, ds, cfg) -> dict:
+    "The run's images: selection.json, made on the first call."
     self_f = out / 'selection.json'
-    if self_f.exists(): sel = json.loads(self_f.read_text())
-    else:
-        sel = select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed)
-        with atomic_write(self_f, mode='w') as f: dump_json(sel, f)
-    orc, orc_src = _get_oracle(ds, oracle, out, cfg)
-    idx = sel['indices']
-    nb = math.ceil(len(idx) / cfg.batch_size)
-    computed = []
-    for b in progress(range(nb), desc='evaluate', disable=not show_progress or None):
-        bf = _batch_file(out, b)
-        if bf.exists(): continue
-        if max_batches is not None and len(computed) >= max_batches: break
-        seed_everything(cfg.seed * 100003 + b)
-        d = _score_batch(spruce, ds, idx[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.source_class, cfg.target_class, exts, orc, cfg,
-                         keep_images=cfg.batch_size if layout else max(0, cfg.n_figure - b * cfg.batch_size),
-                         diversity_seeds=diversity_seeds, seed=cfg.seed * 100003 + b)
-        d['batch'] = b
-        with atomic_write(bf, overwrite=True) as f: torch.save(d, f)
-        computed.append(b)
-        if on_batch is not None: on_batch(b, d['rows'])
+    if self_f.exists(): return json.loads(self_f.read_text())
+    sel = select_correctly_classified(spruce.classifier, ds, cfg.source_class, cfg.n, cfg.seed)
+    with atomic_write(self_f, mode='w') as f: dump_json(sel, f)
+    return sel
+
+def _finish(out, spruce, data, cfg, ds, names, exts, ext_names, lp, label, fp, sel, orc, orc_src, nb, computed, command, nearest_split, layout, t0):
+    "Rank 0, once every rank's batches are written: the merged rows, the set-level columns on all of them, the tables, the figure, the report."
+    from spruce_nb.data import dataset_from_spec
     done = all(_batch_file(out, b).exists() for b in range(nb))
     rows, feats, imgs = _load_batches(out, nb if done else None)
     if not done: return EvaluationResult(out, False, rows, [], {}, computed)
@@ -548,6 +614,7 @@ def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, ma
            "## The field's protocol (DiME, ACE)", '', markdown_table(summary[:1], FIELD_COLUMNS), '',
            '## Further per-image metrics (means ± 95 % intervals)', '', markdown_table(summary[:1], EXTRA_COLUMNS + [('crossing_step', 'Crossing step')])]
     if gt: md += ['', '## Ground truth (phantoms)', '', markdown_table(summary[:1], gt_cols)]
+    if 'marker_toggle' in rows[0]: md += ['', '## The spurious marker (shortcut test; `marker_edited`: toggle ≥ MARKER_TOGGLED)', '', markdown_table(summary[:1], MARKER_COLUMNS)]
     md_text = '\n'.join(md) + '\n'
     _write_csv(out / 'per_image.csv', rows)
     _write_csv(out / 'summary.csv', summary)
@@ -679,9 +746,12 @@ def _command_line(name: str) -> str | None:
 
 def _evaluate_run(args) -> int:
     cfg = _protocol_from_args(args)
-    sp = explainer_from_args(args, classifier=args.classifier, gmms=args.gmms)
-    r = evaluate_counterfactuals(sp, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, label=args.label,
-                                 max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('evaluate'), layout=args.layout, diversity_seeds=args.diversity_seeds)
+    with torchrun_group() as (rank, world):           # under torchrun: this process's share of the batches (a no-op without)
+        sp = explainer_from_args(args, classifier=args.classifier, gmms=args.gmms)
+        r = evaluate_counterfactuals(sp, args.data, config=cfg, out_dir=args.out, extractor=args.extractor, oracle=args.oracle, label=args.label,
+                                     max_batches=args.max_batches, overwrite=args.overwrite, command=_command_line('evaluate'), layout=args.layout,
+                                     diversity_seeds=args.diversity_seeds, show_progress=rank == 0)
+    if rank > 0: return 0                             # rank 0 reports
     if not r.complete:
         print(f"stopped after {len(r.computed_batches)} new batch(es); {len(r.rows)} of the images done. Run the same command again to continue.")
         return 0
@@ -691,3 +761,48 @@ def _evaluate_run(args) -> int:
 
 cli_commands = [CLICommand('evaluate', 'evaluate SPRUCE counterfactuals on N correctly classified held-out images (FID/KID, MMD-EffNet, flip, L1, confidence, LPIPS, ground truth); resumable',
                            _evaluate_args, _evaluate_run)]
+
+# %% ../nbs/11a_evaluate.ipynb #5a1f2057
+SHARD_TIMEOUT_S = 24 * 3600   # how long a rank waits for the others (its share of batches, rank 0's merge)
+
+def rank_world() -> tuple[int, int]:
+    "(rank, world size) of the process group this process joined (`training.init_distributed`), (0, 1) when none."
+    return (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+
+def from_rank0(fn: Callable, *args):
+    "Collective: run `fn(*args)` on rank 0 only and return its result on every rank; an error there is raised on every rank."
+    rank, world = rank_world()
+    res, err = None, None
+    if rank == 0:
+        try: res = fn(*args)
+        except Exception as e: err = e
+    if world > 1:
+        box = [(res if err is None else None, None if err is None else f'{type(err).__name__}: {err}')]
+        dist.broadcast_object_list(box, src=0)
+        if rank > 0:
+            res, msg = box[0]
+            if msg: raise RuntimeError(f"rank 0 stopped the run: {msg}")
+    if err is not None: raise err
+    return res
+
+def all_ranks_done(done: list, err: Exception | None, what: str = 'run') -> list:
+    "Collective: every rank's `done` items, sorted (with one process: `done`); if any rank failed, every rank raises."
+    rank, world = rank_world()
+    if world == 1:
+        if err is not None: raise err
+        return list(done)
+    got = [None] * world
+    dist.all_gather_object(got, (list(done), None if err is None else f'{type(err).__name__}: {err}'))
+    if err is not None: raise err
+    bad = [(r, m) for r, (_, m) in enumerate(got) if m]
+    if bad: raise RuntimeError(f"{what}: rank {bad[0][0]} failed ({bad[0][1]}); what the ranks finished is kept: run the same command again to continue.")
+    return sorted(x for d, _ in got for x in d)
+
+@contextlib.contextmanager
+def torchrun_group():
+    "Join the process group `torchrun` describes for one command (a no-op without torchrun); leave it at the end if this call joined it."
+    joined = not (dist.is_available() and dist.is_initialized())
+    init_distributed(timeout_s=SHARD_TIMEOUT_S)
+    try: yield rank_world()
+    finally:
+        if joined: cleanup_distributed()
