@@ -17,7 +17,7 @@ from torch import nn
 from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, check_images, dump_json, get_device, image_to_numpy, positive_int, nonneg_int
 from .counterfactual import (EXPLAINERS, Explanation, Spruce, explainer_from_args, explanation_options, register_explainer,
                                       resolve_targets, warn_unit_range, _SPRUCE_ONLY)
-from .evaluate import (DEFAULT_DATA, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
+from .evaluate import (DEFAULT_DATA, MARKER_TOGGLED, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
                                 _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _read_rows, _write_csv,
                                 from_rank0, torchrun_group)
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
@@ -595,10 +595,14 @@ def _shortcut_stats(rows: list[dict]) -> dict:
     for k, sel in (('edited', rows), ('removed', [r for r in rows if r['marker']]), ('added', [r for r in rows if not r['marker']])):
         s = mean_ci([r['marker_edited'] for r in sel])
         out[k], out[f'{k}_ci95'] = (s['mean'], s['ci95']) if s else (float('nan'), float('nan'))
-    for r in rows: r['marker_toggle_edit'] = r['marker_toggle'] - r['marker_toggle_recon']   # the method's own edit of the marker, beyond its inversion
-    for k in ('marker_toggle', 'marker_toggle_recon', 'marker_toggle_edit', 'marker_share', 'marker_dp', 'marker_flips'):
+    for r in rows:                                            # the method's own edit of the marker, beyond what its inversion did
+        r['marker_toggle_edit'] = r['marker_toggle'] - r['marker_toggle_recon']
+        r['marker_edited_edit'] = float(r['marker_toggle_edit'] >= MARKER_TOGGLED)
+    for k in ('marker_edited_edit', 'marker_toggle', 'marker_toggle_recon', 'marker_toggle_edit', 'marker_share', 'marker_dp', 'marker_flips'):
         s = mean_ci([r[k] for r in rows if _finite(r.get(k))])
         out[k], out[f'{k}_ci95'] = (s['mean'], s['ci95']) if s else (float('nan'), float('nan'))
+    s = mean_ci([r['marker_toggle_recon'] for r in rows if r['marker']])     # can the method's reconstruction draw the marker? (0: kept, 1: gone)
+    out['recon_removes_marker'], out['recon_removes_marker_ci95'] = (s['mean'], s['ci95']) if s else (float('nan'), float('nan'))
     return out
 
 def shortcut_table(runs: dict,                   # strength S -> a finished `spruce compare` directory on marker data (per_image.csv, comparison.json)
@@ -630,6 +634,7 @@ def shortcut_markdown(table: list[dict]) -> str:
                     '| classifier: Δp(target) when only the marker is toggled | ' + ' | '.join(f"{first[s]['marker_dp']:+.3f} ± {first[s]['marker_dp_ci95']:.3f}" for s in ss) + ' |',
                     '| classifier: flipped by the marker alone | ' + ' | '.join(pct(first[s]['marker_flips']) for s in ss) + ' |']
     for lab in dict.fromkeys(t['label'] for t in table):
-        lines.append(f'| **{lab}**: edits the marker (removes / adds) | ' + ' | '.join(
-            '–' if (lab, s) not in by else f"{pct(by[(lab, s)]['edited'], by[(lab, s)]['edited_ci95'])} ({pct(by[(lab, s)]['removed'])} / {pct(by[(lab, s)]['added'])})" for s in ss) + ' |')
+        lines.append(f'| **{lab}**: edits the marker (removes / adds); by its own edit, beyond the inversion | ' + ' | '.join(
+            '–' if (lab, s) not in by else f"{pct(by[(lab, s)]['edited'], by[(lab, s)]['edited_ci95'])} ({pct(by[(lab, s)]['removed'])} / {pct(by[(lab, s)]['added'])}); "
+            f"{pct(by[(lab, s)]['marker_edited_edit'])}" for s in ss) + ' |')
     return '\n'.join(lines)
