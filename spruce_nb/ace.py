@@ -305,9 +305,9 @@ def inpaint(ddpm: DDPM, x: torch.Tensor, pe: torch.Tensor, keep: torch.Tensor, c
 
 # %% ../nbs/16_ace.ipynb #20c07371
 def _modality(spec) -> str | None:
-    "'phantoms:cxr:cardiomegaly-vs-normal' → 'phantoms:cxr'; other specs are their own modality."
+    "'phantoms:cxr:cardiomegaly-vs-normal' → 'phantoms:cxr'; a data option ('phantoms:cxr@spurious=1') is the same modality; other specs are their own."
     if not spec: return None
-    parts = str(spec).split(':')
+    parts = str(spec).split('@')[0].split(':')
     return ':'.join(parts[:2]) if parts[0] == 'phantoms' else str(spec)
 
 class ACE:
