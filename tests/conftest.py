@@ -19,3 +19,14 @@ def real_weights():
         msg = f"pretrained weights not installed ({', '.join(missing)}): run `spruce weights install`"
         if os.environ.get('CI'): pytest.fail(msg + ' (CI must run the real-weight tests; the test command installs them first)')
         pytest.skip(msg)
+
+
+@pytest.fixture(scope='module')
+def tiny_models_and_oracle(request, tmp_path_factory):
+    "A 32-px tiny model directory (`tiny_model_dir`) and a phantom oracle beside it, once per test module: (root, model_dir)."
+    from spruce_nb.evaluate import tiny_model_dir
+    from spruce_nb.data import fit_oracle
+    root = tmp_path_factory.mktemp(request.module.__name__.split('.')[-1])
+    md = tiny_model_dir(root / 'models')
+    fit_oracle('cxr', n=200, size=32, n_test=50).save(root / 'oracle.pt')
+    return root, md

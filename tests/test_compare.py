@@ -5,15 +5,10 @@ import csv, json
 from pathlib import Path
 import pytest, torch
 
-from spruce_nb.evaluate import tiny_model_dir, DEFAULT_DATA
+from spruce_nb.evaluate import DEFAULT_DATA
 
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-    from spruce_nb.data import fit_oracle
-    root = tmp_path_factory.mktemp('compare')
-    md = tiny_model_dir(root / 'models')
-    fit_oracle('cxr', n=200, size=32, n_test=50).save(root / 'oracle.pt')
-    return root, md
+def models(tiny_models_and_oracle): return tiny_models_and_oracle     # (root, model_dir): tests/conftest.py
 
 def _cmd(md, root, out, *extra, methods='spruce,pgd'):
     return ['compare', '--methods', methods, '--model-dir', str(md), '--n', '4', '--batch-size', '2', '--data-n', '48', '--n-real', '12',

@@ -7,13 +7,7 @@ import pytest, torch
 ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-    from spruce_nb.evaluate import tiny_model_dir
-    from spruce_nb.data import fit_oracle
-    root = tmp_path_factory.mktemp('shard')
-    md = tiny_model_dir(root / 'models')
-    fit_oracle('cxr', n=200, size=32, n_test=50).save(root / 'oracle.pt')
-    return root, md
+def models(tiny_models_and_oracle): return tiny_models_and_oracle     # (root, model_dir): tests/conftest.py
 
 def _args(cmd, md, root, out):
     common = ['--model-dir', str(md), '--n', '6', '--batch-size', '2', '--data-n', '48', '--n-real', '12', '--extractor', 'classifier',
