@@ -11,13 +11,13 @@ The runs (resumable: rerunning a command continues it; `torchrun --nproc_per_nod
       done
     # 2. a model directory per classifier: its classifier.pt and gmms.pt beside the zoo's generator.pt and encoder.pt (links), DISC's DUQ for it,
     #    then every method on the same 50 marker-balanced held-out phantoms
-      mkdir -p RUNS/shortcut_s$S/models && ln -sf ZOO/generator.pt ZOO/encoder.pt RUNS/shortcut_s$S/classifier.pt RUNS/shortcut_s$S/gmms.pt RUNS/shortcut_s$S/models/
+      mkdir -p RUNS/shortcut_s$S/models && ln -sf ZOO/generator.pt ZOO/encoder.pt ZOO/ddpm.pt RUNS/shortcut_s$S/classifier.pt RUNS/shortcut_s$S/gmms.pt RUNS/shortcut_s$S/models/
       spruce train-consistency --model RUNS/shortcut_s$S/classifier.pt --kind duq --data "phantoms:cxr@spurious=$S" --n 2000 --half --run-dir RUNS/shortcut_s$S/duq_run --out RUNS/shortcut_s$S/models/duq.pt
       torchrun --nproc_per_node 2 -m spruce_nb.cli -- compare --methods spruce,pgd,latent-shift,disc --model-dir RUNS/shortcut_s$S/models \
         --data "phantoms:cxr:cardiomegaly-vs-normal@spurious=0" --n 50 --batch-size 10 --spruce-steps 50 --pti-steps 100 --pti-lr 1e-3 --lambda-image 1e-3 \
         --extractor classifier --out RUNS/shortcut_cmp_s$S
     done
-    # (ACE is refused: the zoo's DDPM was trained on marker-free 'phantoms:cxr' and ACE checks that the classifier's data are the same domain)
+    # (ACE: add ace to --methods; the zoo's DDPM, trained on marker-free 'phantoms:cxr', counts as the same image domain since dc8c69f)
     # 3. this collector
     python bench/shortcut_test.py --runs RUNS --out nbs/data/shortcut_cxr64.json
 """
