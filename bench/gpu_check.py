@@ -96,11 +96,13 @@ class StepTimer(Callback):
 # ------------------------------------------------------------------------------------------------ items
 def item_classifier(S, dev, deadline, trades=False):
     from spruce_nb.classifier import ClassifierConfig, train_classifier
+    from spruce_nb.robust import make_trades_step
     batch = S['trades_batch'] if trades else S['clf_batch']
     kw = dict(arch=S['clf_arch'], image_size=S['res'], batch_size=batch)
     cfg = ClassifierConfig.trades_recipe(8 / 255, trades_steps=S['trades_steps'], **kw) if trades else ClassifierConfig(**kw)
     timer = StepTimer(S['warmup'], dev, deadline)
-    _, hist = train_classifier(cfg, random_data(2 * batch, S['res']), max_steps=S['warmup'] + S['steps'], device=dev, callbacks=[timer])
+    _, hist = train_classifier(cfg, random_data(2 * batch, S['res']), max_steps=S['warmup'] + S['steps'], device=dev, callbacks=[timer],
+                               make_step=make_trades_step if trades else None)
     from spruce_nb.training import resolve_amp
     amp = resolve_amp('auto' if cfg.amp else 'fp32', dev)
     conf = f"{cfg.arch} {cfg.image_size}px b{batch} amp={str(amp).replace('torch.', '') if amp else 'fp32'}"

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import check_images, is_tiny, load_checkpoint, CheckpointError, CLICommand
-from .core import output_file
+from .core import output_file, CLIExtension, positive_float, nonneg_int
 
 # %% auto #0
 __all__ = ['AUGMENT_SPECS', 'GEOMETRIC_OPS', 'COLOR_OPS', 'NVLABS_PICKLE_ALLOWLIST', 'NVLABS_NAME_MAP', 'cli_commands',
-           'AugmentPipe', 'affine_warp', 'ada_adjustment', 'AdaptiveP', 'ada_kimg_default', 'plot_ada_history',
-           'discriminator_layers', 'freeze_discriminator', 'UnsafePickleError', 'PersistentRecord',
+           'cli_extensions', 'AugmentPipe', 'affine_warp', 'ada_adjustment', 'AdaptiveP', 'ada_kimg_default',
+           'plot_ada_history', 'discriminator_layers', 'freeze_discriminator', 'UnsafePickleError', 'PersistentRecord',
            'RestrictedUnpickler', 'NVlabsSnapshot', 'read_nvlabs_pickle', 'map_nvlabs_names', 'load_state_strict',
            'nvlabs_generator_kwargs', 'nvlabs_discriminator_kwargs', 'load_nvlabs_pickle', 'load_transfer_weights',
            'ada_history_from_run']
@@ -671,6 +671,48 @@ def _import_nvlabs(args) -> int:
 
 cli_commands = [CLICommand('import-nvlabs', "convert an NVlabs stylegan2-ada-pytorch .pkl into a spruce_nb generator checkpoint (never runs the pickle's code)",
                            _import_nvlabs_args, _import_nvlabs)]
+
+# %% ../nbs/06_ada.ipynb #acf58ff9
+def _ada_args(p):
+    g = p.add_argument_group('ADA and transfer learning (spruce_nb.augment)')
+    g.add_argument('--ada', action='store_true', help="adaptive discriminator augmentation ('bgc' pipe, p adapted to hold r_t at --target)")
+    g.add_argument('--target', type=float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
+    g.add_argument('--ada-kimg', type=positive_float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
+    g.add_argument('--resume-from', default=None, help='transfer learning: start G/D (and G_ema) from this file, an NVlabs .pkl or a spruce_nb checkpoint')
+    g.add_argument('--freezed', type=nonneg_int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")
+
+def _ada_inputs(args) -> dict:
+    "The `inputs` hook: flags checked before any work, and the transfer file that the run reads (never a target of its outputs)."
+    if args.ada_kimg is not None and not args.ada: raise ValueError("--ada-kimg needs --ada.")
+    return dict(inputs=[args.resume_from] if args.resume_from else [])
+
+def _ada_and_transfer(args, cfg) -> dict:
+    "`make_trainer` keyword arguments for --ada/--resume-from/--freezed (G, D, augment_pipe, callbacks): the `trainer_kwargs` hook."
+    kw = {}
+    if args.ada:
+        pipe = AugmentPipe(p=0.)
+        ada_kimg = args.ada_kimg if args.ada_kimg is not None else ada_kimg_default(args.resume_from)
+        kw.update(augment_pipe=pipe, callbacks=[AdaptiveP(pipe, target=args.target, kimg=ada_kimg)])
+        print(f"ADA: target r_t {args.target}, ada_kimg {ada_kimg:g}")
+    if args.resume_from or args.freezed:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            G, D = cfg.make_generator(), cfg.make_discriminator()
+        started = args.resume and (Path(args.out) / 'last.pt').exists()   # --resume restores everything from last.pt
+        if args.resume_from and not started:
+            try: info = load_transfer_weights(args.resume_from, G, D)
+            except ValueError as e:
+                if 'holds no discriminator' not in str(e): raise
+                load_transfer_weights(args.resume_from, G, None); info = {}
+                print(f"{args.resume_from} holds a generator only: D starts from scratch.")
+            print(f"transfer learning from {args.resume_from}" + (f" (its augment p {info['augment_p']:.3f} is not reused: p starts at 0)" if info.get('augment_p') else ''))
+        if args.freezed:
+            try: print(f"Freeze-D: {D.freeze_layers(args.freezed)} frozen")
+            except ValueError as e: raise ValueError(f"--freezed {args.freezed}: {e}") from None
+        kw.update(G=G, D=D)
+    return kw
+
+cli_extensions = [CLIExtension('train-gan', _ada_args, hooks=dict(inputs=_ada_inputs, trainer_kwargs=_ada_and_transfer))]
 
 # %% ../nbs/06_ada.ipynb #296b71d4
 def ada_history_from_run(run_dir: str | Path,  # the --out folder of a `spruce train-gan` run

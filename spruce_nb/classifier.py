@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, to_unit, get_device, seed_everything, is_tiny,
                             save_checkpoint, load_checkpoint, CheckpointError, atomic_write, progress, add_data_args, OutputDir, positive_int, dump_json)
-from .core import nonneg_int, positive_float, nonneg_float
+from .core import nonneg_int, positive_float, nonneg_float, cli_hook
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXT_PRESETS', 'cli_commands', 'ADAPTER_LIBRARIES', 'create_backbone',
@@ -461,8 +461,12 @@ def train_classifier(cfg: ClassifierConfig,        # Architecture + recipe (`tra
                      device=None,
                      log_every: int | None = None,
                      callbacks: Sequence[Callback] = (),
+                     make_step: Callable | None = None, # fn(cfg, criterion, augment) -> training step; None: the plain step (TRADES: `spruce_nb.robust.make_trades_step`)
                     ) -> tuple[Classifier, list[dict]]:
     "Train a classifier with the thesis recipe on `training.Trainer`; returns the model (best validation loss, eval mode) and the history."
+    if cfg.trades_eps > 0 and make_step is None:
+        raise ValueError(f"cfg.trades_eps = {cfg.trades_eps:g} asks for TRADES, whose training step lives in notebook 04_trades: "
+                         "pass make_step=spruce_nb.robust.make_trades_step (or set trades_eps=0 for plain training).")
     seed_everything(cfg.seed)
     clf = cfg.build()
     if init is not None: load_classifier_weights(clf, init)
@@ -472,11 +476,7 @@ def train_classifier(cfg: ClassifierConfig,        # Architecture + recipe (`tra
     weights = class_weights(labels, cfg.num_classes, cfg.classes) if cfg.class_weighted else None
     criterion = make_criterion(cfg, weights)
     augment = BatchAugment.from_config(cfg)
-    if cfg.trades_eps > 0:
-        from spruce_nb.robust import make_trades_step   # notebook 04_trades
-        step_fn = make_trades_step(cfg, criterion, augment)
-    else:
-        step_fn = make_classifier_step(criterion, augment, cfg.num_classes)
+    step_fn = make_step(cfg, criterion, augment) if make_step is not None else make_classifier_step(criterion, augment, cfg.num_classes)
     spe = len(train_ds) // cfg.batch_size
     if spe == 0: raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size}; lower batch_size.")
     total = cfg.epochs * spe if max_steps is None else min(cfg.epochs * spe, int(max_steps))
@@ -537,7 +537,7 @@ def _train_args(p):
     p.add_argument('--out', required=True, help='run directory (classifier.pt, confusion.png, report.json, last.pt, history.json)')
     p.add_argument('--epochs', type=positive_int, default=None, help='epochs (default: thesis 100)')
     p.add_argument('--warmup-epochs', type=nonneg_int, default=None, help='warm-up epochs (default: thesis 10, capped at epochs // 10 when --epochs is given)')
-    p.add_argument('--batch-size', type=positive_int, default=None, help='batch size (default: thesis 64; 16 with --trades-eps)')
+    p.add_argument('--batch-size', type=positive_int, default=None, help='batch size (default: thesis 64; 16 with --trades-eps, notebook 04)')
     p.add_argument('--lr', type=positive_float, default=None, help='AdamW learning rate (default: thesis 5e-4; 1e-4 with --trades-eps)')
     p.add_argument('--patience', type=positive_int, default=None, help='early-stopping patience in epochs (default 20)')
     p.add_argument('--image-size', type=positive_int, default=64, help='image size H = W (default 64)')
@@ -546,11 +546,6 @@ def _train_args(p):
     p.add_argument('--n-test', type=positive_int, default=None, help='phantoms: test images (default 1000)')
     p.add_argument('--pretrained', default=None, help='local ImageNet weights file for --arch (timm cannot download here)')
     p.add_argument('--init', default=None, help='start from this classifier checkpoint (e.g. fine-tune a plain model with TRADES)')
-    p.add_argument('--trades-eps', type=float, default=0.0, help='train with TRADES at eps = VALUE/255 (thesis: 1, 2 or 8); 0 = plain')
-    p.add_argument('--trades-beta', type=nonneg_float, default=6.0, help='TRADES beta (default 6)')
-    p.add_argument('--trades-steps', type=positive_int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
-    p.add_argument('--trades-eps-warmup', type=nonneg_float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
-    p.add_argument('--robust-n', type=positive_int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
     p.add_argument('--max-steps', type=positive_int, default=None, help='stop after this many optimisation steps (smoke tests)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: best available)')
@@ -558,38 +553,33 @@ def _train_args(p):
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out exactly')
 
 def _train_run(args) -> int:
-    if not 0 <= args.trades_eps <= 255: raise ValueError(f"--trades-eps {args.trades_eps}: give eps in /255 units, in (0, 255] (e.g. 8 for 8/255), or 0 for plain training.")
-    eps = args.trades_eps / 255
+    recipe = cli_hook(args, 'recipe').get('recipe', ClassifierConfig())   # an extension's recipe (04_trades: --trades-eps), its flags checked before any work
     out = Path(args.out)
     with OutputDir(out, 'train-classifier') as od:               # locked; its files are claimed before any data are made
         od.claim(['classifier.pt', 'confusion.png', 'report.json'], resume=args.resume, adopt=(out / 'last.pt').exists(),
                  hint='pass --resume to continue that run, or delete it')
-        return _train_in(args, out, eps)
+        return _train_in(args, out, recipe)
 
-def _train_in(args, out: Path, eps: float) -> int:
+def _train_in(args, out: Path, base: ClassifierConfig) -> int:
     n = dict(train=args.n_train, val=args.n_val, test=args.n_test)
     splits = _data_splits(args.data, args.image_size, n, seed=args.seed)
     classes = _classes_of(splits['train'])
-    base = ClassifierConfig.trades_recipe(eps, trades_beta=args.trades_beta, trades_steps=args.trades_steps, trades_eps_warmup=args.trades_eps_warmup) if eps > 0 else ClassifierConfig()
     kw = dict(arch=args.arch, num_classes=len(classes), classes=classes, image_size=args.image_size, pretrained=args.pretrained, seed=args.seed)
     if args.epochs is not None: kw.update(epochs=args.epochs, warmup_epochs=min(base.warmup_epochs, max(args.epochs // 10, 0)))
     for k in ('warmup_epochs', 'batch_size', 'lr', 'patience'):
         if getattr(args, k) is not None: kw[k] = getattr(args, k)
     cfg = base.replace(**kw)
     print(f"training {cfg.arch} on {args.data} ({len(splits['train'])} train / {len(splits.get('val', []))} val images, classes {list(classes)})"
-          + (f" with TRADES eps={args.trades_eps:g}/255 beta={cfg.trades_beta:g}" if eps > 0 else ''))
+          + (f" with TRADES eps={cfg.trades_eps * 255:g}/255 beta={cfg.trades_beta:g}" if cfg.trades_eps > 0 else ''))
     clf, hist = train_classifier(cfg, splits['train'], splits.get('val'), out, resume=args.resume, init=args.init,
-                                 max_steps=args.max_steps, device=args.device)
+                                 max_steps=args.max_steps, device=args.device, make_step=cli_hook(args, 'make_step').get('make_step'))
     meta = dict(data=args.data, n=dict((k, len(v)) for k, v in splits.items()), stop_reason=clf.stop_reason,
                 steps=hist[-1]['step'] if hist else 0, init=args.init)
     if 'val' in splits: meta['val'] = evaluate_classifier(clf, splits['val'])
     if 'test' in splits:
         meta['test'] = m = evaluation_report(clf, splits['test'], out)
         print(f"test: accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  F1 {m['f1']:.4f}  (n={m['n']})")
-        if eps > 0:
-            from spruce_nb.robust import robust_accuracy
-            meta['robust'] = r = robust_accuracy(clf, splits['test'], eps=eps, steps=20, max_items=args.robust_n)
-            print(f"robust (n={r['n']}): clean accuracy {r['clean_acc']:.4f}  PGD-{r['steps']} accuracy at eps={args.trades_eps:g}/255 {r['pgd_acc']:.4f}")
+        meta.update(cli_hook(args, 'after_test', clf=clf, test_ds=splits['test']))   # e.g. 04_trades: PGD-20 accuracy
     digest = save_classifier(clf, out / 'classifier.pt', cfg, metadata=meta, half=args.half)
     print(f"wrote {out / 'classifier.pt'} (sha256 {digest[:12]})")
     return 0

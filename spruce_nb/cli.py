@@ -5,7 +5,7 @@
 # %% ../nbs/90_cli.ipynb #d2d9e4b7
 from __future__ import annotations
 import sys, errno, argparse, importlib, importlib.util, platform
-from .core import CLICommand, __version__
+from .core import CLICommand, CLIExtension, add_command, __version__
 
 # %% auto #0
 __all__ = ['CLI_MODULES', 'OPTIONAL_PACKAGES', 'doctor_report', 'build_parser', 'main']
@@ -15,9 +15,9 @@ __all__ = ['CLI_MODULES', 'OPTIONAL_PACKAGES', 'doctor_report', 'build_parser', 
 CLI_MODULES = ('data', 'weights', 'training', 'classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'pti', 'piece',
                'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer', 'disc', 'ace', 'compare')
 
-def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, str]]:
-    "Collect `cli_commands` from the package's modules; returns (commands, {module: import error})."
-    cmds, errors = [], {}
+def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, str], list[CLIExtension]]:
+    "Collect `cli_commands` and `cli_extensions` from the package's modules; returns (commands, {module: import error}, extensions)."
+    cmds, errors, exts = [], {}, []
     for name in CLI_MODULES:
         full = f'spruce_nb.{name}'
         if importlib.util.find_spec(full) is None: continue
@@ -26,7 +26,8 @@ def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, 
             if strict: raise
             errors[name] = f'{type(e).__name__}: {e}'; continue
         cmds += list(getattr(mod, 'cli_commands', []))
-    return cmds, errors
+        exts += list(getattr(mod, 'cli_extensions', []))   # options a later module adds to an earlier module's command
+    return cmds, errors, exts
 
 # %% ../nbs/90_cli.ipynb #60c86a5b
 def _doctor_args(p): pass
@@ -56,7 +57,7 @@ def doctor_report() -> list[dict]:
     "Every check of `spruce doctor` as {'check', 'level' ('ok'|'info'|'warning'|'error'), 'message'}."
     import os, tempfile, importlib.metadata as md
     rows = [_device_check()]
-    _, errors = _module_commands()
+    _, errors, _ = _module_commands()
     rows += [_check(f'module {k}', 'error', f'spruce_nb.{k} failed to import: {v}') for k, v in errors.items()]
     if not errors: rows.append(_check('modules', 'ok', f'all {len(CLI_MODULES)} command modules import'))
     from spruce_nb.weights import weights_dir, weights_status, WEIGHTS_ENV
@@ -103,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='spruce', description='spruce_nb: sparse, realistic counterfactual explanations of medical image classifiers.')
     p.add_argument('--version', action='version', version=f'spruce_nb {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    cmds, _ = _module_commands()
+    cmds, _, exts = _module_commands()
     for c in _builtin + cmds:
         sp = sub.add_parser(c.name, help=c.help, description=c.help)
-        c.add_args(sp); sp.set_defaults(_run=c.run)
+        add_command(sp, c, exts)
     return p
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}   # filesystem faults reported as errors, not tracebacks

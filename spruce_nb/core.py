@@ -19,7 +19,7 @@ __all__ = ['TMP_TAG', 'OUTPUT_MARKER', 'OUTPUT_LOCK', 'CHECKPOINT_FORMAT', 'posi
            'strict_json', 'dump_json', 'current_umask', 'atomic_write', 'write_set', 'OutputDirError', 'OutputDir',
            'output_files', 'output_file', 'state_sha256', 'file_sha256', 'save_checkpoint', 'CheckpointError',
            'Checkpoint', 'load_checkpoint', 'progress', 'image_to_numpy', 'show_images', 'save_image', 'CLICommand',
-           'add_data_args']
+           'add_data_args', 'CLIExtension', 'add_command', 'cli_hook']
 
 # %% ../nbs/00_core.ipynb #dcb13389
 try:
@@ -534,3 +534,29 @@ positive_int = _number('positive_int', int, lambda v: v >= 1, 'a whole number >=
 nonneg_int = _number('nonneg_int', int, lambda v: v >= 0, 'a whole number >= 0')
 positive_float = _number('positive_float', float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
 nonneg_float = _number('nonneg_float', float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')   # weights (λ) and rates where 0 = off
+
+# %% ../nbs/00_core.ipynb #7a6a38b6
+@dataclass
+class CLIExtension:
+    "Options and wiring that a later module adds to an earlier module's `spruce` command (the earlier module never imports the later one)."
+    command: str                               # name of the extended command, e.g. 'train-gan'
+    add_args: Callable                         # fn(argparse.ArgumentParser) adding the options
+    hooks: dict = field(default_factory=dict)  # hook name -> fn(args, **context) -> dict | None, called by the command through `cli_hook`
+
+def add_command(p,                   # the command's `argparse` parser
+                cmd: CLICommand,     # the command
+                extensions=(),       # `CLIExtension`s of any command; those of `cmd` are applied
+               ):
+    "Add `cmd`'s options and those of its extensions to `p`; the parsed arguments carry `_run` and `_extensions`. Returns `p`."
+    cmd.add_args(p)
+    mine = [e for e in extensions if e.command == cmd.name]
+    for e in mine: e.add_args(p)
+    p.set_defaults(_run=cmd.run, _extensions=mine)
+    return p
+
+def cli_hook(args, name: str, **context) -> dict:
+    "Call the `name` hook of every extension parsed into `args` with (args, **context); returns the union of the dicts they return."
+    out = {}
+    for e in getattr(args, '_extensions', ()):
+        if name in e.hooks: out.update(e.hooks[name](args, **context) or {})
+    return out

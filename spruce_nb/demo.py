@@ -13,7 +13,7 @@ import torch
 
 import spruce_nb
 from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everything, image_to_numpy, is_tiny, __version__, OutputDir, dump_json
-from .core import positive_int, nonneg_int, nonneg_float
+from .core import positive_int, nonneg_int, nonneg_float, add_command
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'cli_commands', 'zoo_manifest', 'check_zoo_file', 'ensure_models',
@@ -44,15 +44,16 @@ def check_zoo_file(entry: str, name: str, manifest: dict | None = None, zoo_dir:
     return True, 'ok'
 
 # %% ../nbs/13_demo.ipynb #180f5ad4
-ZOO_COMMAND_MODULES = ('classifier', 'stylegan2', 'e4e', 'piece')   # modules (all earlier notebooks) whose commands the zoo's presets run
+ZOO_COMMAND_MODULES = ('classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'piece')   # modules (all earlier notebooks) whose commands and extensions the zoo's presets run
 
 def _run_cli(cmd: str) -> None:
     "Run one `spruce` command line of the zoo manifest through the module that declares it (not through `spruce_nb.cli`, a later notebook)."
     import argparse, importlib
     name, *argv = shlex.split(cmd)
-    found = [c for m in ZOO_COMMAND_MODULES for c in importlib.import_module(f'spruce_nb.{m}').cli_commands if c.name == name]
+    mods = [importlib.import_module(f'spruce_nb.{m}') for m in ZOO_COMMAND_MODULES]
+    found = [c for m in mods for c in getattr(m, 'cli_commands', []) if c.name == name]
     if not found: raise ValueError(f"zoo manifest command `spruce {cmd}`: no module of {ZOO_COMMAND_MODULES} declares `{name}`.")
-    p = argparse.ArgumentParser(prog=f'spruce {name}'); found[0].add_args(p)
+    p = add_command(argparse.ArgumentParser(prog=f'spruce {name}'), found[0], [e for m in mods for e in getattr(m, 'cli_extensions', [])])
     print(f'  $ spruce {cmd}', flush=True)
     rc = found[0].run(p.parse_args(argv))
     if rc: raise RuntimeError(f"`spruce {cmd}` failed with exit code {rc}")

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from .core import CLICommand, check_images, get_device, is_tiny, add_data_args
 from .classifier import Classifier, ClassifierConfig, check_labels, _xy, _loader
-from .core import positive_int
+from .core import positive_int, nonneg_float, CLIExtension
 
 # %% auto #0
-__all__ = ['cli_commands', 'eps_to_pm1', 'pgd_attack', 'trades_perturb', 'trades_loss', 'make_trades_step', 'robust_accuracy',
-           'input_gradients', 'saliency_energy', 'mask_energy_fraction']
+__all__ = ['cli_commands', 'cli_extensions', 'eps_to_pm1', 'pgd_attack', 'trades_perturb', 'trades_loss', 'make_trades_step',
+           'robust_accuracy', 'input_gradients', 'saliency_energy', 'mask_energy_fraction']
 
 # %% ../nbs/04_trades.ipynb #97fddabf
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -216,3 +216,27 @@ def _robust_run(args) -> int:
     return 0
 
 cli_commands = [CLICommand('evaluate-robustness', 'clean and PGD accuracy (L-inf, eps in /255 units) of a saved classifier', _robust_args, _robust_run)]
+
+def _trades_args(p):
+    g = p.add_argument_group('TRADES (spruce_nb.robust, notebook 04_trades)')
+    g.add_argument('--trades-eps', type=float, default=0.0, help='train with TRADES at eps = VALUE/255 (thesis: 1, 2 or 8); 0 = plain')
+    g.add_argument('--trades-beta', type=nonneg_float, default=6.0, help='TRADES beta (default 6)')
+    g.add_argument('--trades-steps', type=positive_int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
+    g.add_argument('--trades-eps-warmup', type=nonneg_float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
+    g.add_argument('--robust-n', type=positive_int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
+
+def _trades_recipe(args) -> dict:
+    if not 0 <= args.trades_eps <= 255: raise ValueError(f"--trades-eps {args.trades_eps}: give eps in /255 units, in (0, 255] (e.g. 8 for 8/255), or 0 for plain training.")
+    if args.trades_eps == 0: return {}
+    return dict(recipe=ClassifierConfig.trades_recipe(args.trades_eps / 255, trades_beta=args.trades_beta, trades_steps=args.trades_steps,
+                                                      trades_eps_warmup=args.trades_eps_warmup))
+
+def _trades_after_test(args, clf, test_ds) -> dict:
+    if args.trades_eps == 0: return {}
+    r = robust_accuracy(clf, test_ds, eps=args.trades_eps / 255, steps=20, max_items=args.robust_n)
+    print(f"robust (n={r['n']}): clean accuracy {r['clean_acc']:.4f}  PGD-{r['steps']} accuracy at eps={args.trades_eps:g}/255 {r['pgd_acc']:.4f}")
+    return dict(robust=r)
+
+cli_extensions = [CLIExtension('train-classifier', _trades_args,
+                               hooks=dict(recipe=_trades_recipe, make_step=lambda a: dict(make_step=make_trades_step) if a.trades_eps else {},
+                                          after_test=_trades_after_test))]

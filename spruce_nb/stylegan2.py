@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, atomic_write,
                             save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int, dump_json)
-from .core import output_files, nonneg_int, nonneg_float
+from .core import output_files, nonneg_int, nonneg_float, cli_hook
 
 # %% auto #0
 __all__ = ['CONFIGS', 'cli_commands', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample2d', 'conv2d_resample', 'bias_act',
@@ -896,41 +896,6 @@ def _train_gan_args(p):
     p.add_argument('--metric-kimg', type=nonneg_float, default=None, help='FD8 interval in kimg (default: the snapshot interval; 0 = off)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='cpu, cuda, ... (default: best available)')
-    g = p.add_argument_group('ADA and transfer learning (spruce_nb.augment)')
-    g.add_argument('--ada', action='store_true', help="adaptive discriminator augmentation ('bgc' pipe, p adapted to hold r_t at --target)")
-    g.add_argument('--target', type=float, default=0.6, help='ADA target for r_t = E[sign(D(real))]')
-    g.add_argument('--ada-kimg', type=positive_float, default=None, help='ADA speed: kimg for p to move by 1 (default 500, 100 with --resume-from)')
-    g.add_argument('--resume-from', default=None, help='transfer learning: start G/D (and G_ema) from this file, an NVlabs .pkl or a spruce_nb checkpoint')
-    g.add_argument('--freezed', type=nonneg_int, default=0, help="Freeze-D: freeze D's first k layers (counted from the input)")
-
-def _ada_and_transfer(args, cfg: StyleGAN2Config) -> dict:
-    "make_trainer keyword arguments for --ada/--resume-from/--freezed (G, D, augment_pipe, callbacks)."
-    kw = {}
-    if args.ada:
-        from spruce_nb.augment import AugmentPipe, AdaptiveP, ada_kimg_default
-        pipe = AugmentPipe(p=0.)
-        ada_kimg = args.ada_kimg if args.ada_kimg is not None else ada_kimg_default(args.resume_from)
-        kw.update(augment_pipe=pipe, callbacks=[AdaptiveP(pipe, target=args.target, kimg=ada_kimg)])
-        print(f"ADA: target r_t {args.target}, ada_kimg {ada_kimg:g}")
-    elif args.ada_kimg is not None: raise ValueError("--ada-kimg needs --ada.")
-    if args.resume_from or args.freezed:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            G, D = cfg.make_generator(), cfg.make_discriminator()
-        started = args.resume and (Path(args.out) / 'last.pt').exists()   # --resume restores everything from last.pt
-        if args.resume_from and not started:
-            from spruce_nb.augment import load_transfer_weights
-            try: info = load_transfer_weights(args.resume_from, G, D)
-            except ValueError as e:
-                if 'holds no discriminator' not in str(e): raise
-                load_transfer_weights(args.resume_from, G, None); info = {}
-                print(f"{args.resume_from} holds a generator only: D starts from scratch.")
-            print(f"transfer learning from {args.resume_from}" + (f" (its augment p {info['augment_p']:.3f} is not reused: p starts at 0)" if info.get('augment_p') else ''))
-        if args.freezed:
-            try: print(f"Freeze-D: {D.freeze_layers(args.freezed)} frozen")
-            except ValueError as e: raise ValueError(f"--freezed {args.freezed}: {e}") from None
-        kw.update(G=G, D=D)
-    return kw
 
 def _train_gan(args) -> int:
     try: from spruce_nb.data import dataset_from_spec
@@ -938,7 +903,7 @@ def _train_gan(args) -> int:
     out = Path(args.out)
     with output_files(out, 'train-gan', ['config.json', 'G_ema.pt', 'reals.png', 'fakes_latest.png', 'ada_history.json'], resume=args.resume,
                       adopt=(out / 'last.pt').exists(), hint='pass --resume to continue that run',
-                      inputs=[args.resume_from] if args.resume_from else ()):   # before the data are made
+                      inputs=cli_hook(args, 'inputs').get('inputs', ())):   # before the data are made (06_ada: --resume-from)
         return _train_gan_in(args, dataset_from_spec)
 
 def _train_gan_in(args, dataset_from_spec) -> int:
@@ -947,7 +912,7 @@ def _train_gan_in(args, dataset_from_spec) -> int:
     cfg = get_config(args.config, args.res, batch=args.batch, gamma=args.gamma)
     if args.batch is not None and args.config != 'paper256': cfg = cfg.replace(mbstd=min(cfg.mbstd, args.batch))
     t0 = time.time()
-    nets = _ada_and_transfer(args, cfg)
+    nets = cli_hook(args, 'trainer_kwargs', cfg=cfg)   # 06_ada: --ada, --resume-from, --freezed (augment_pipe, callbacks, G, D)
     tr = train_stylegan2(cfg, ds, args.out, kimg=args.kimg, resume=args.resume, snap_kimg=args.snap,
                          metric_kimg=args.metric_kimg, seed=args.seed, device=args.device, **nets)
     last = tr.history[-1] if tr.history else {}

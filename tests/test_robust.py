@@ -97,7 +97,9 @@ def test_eps_outside_unit_interval_is_rejected(bad):
 def test_trades_trains_on_the_shared_trainer(tmp_path):
     tr = dataset_from_spec('phantoms:cxr', split='train', n=32, size=32)
     cfg = ClassifierConfig.trades_recipe(8 / 255, arch='convnext_micro', image_size=32, classes=tr.classes, epochs=1, trades_steps=2)
-    clf, hist = train_classifier(cfg, tr, None, tmp_path / 'run', max_steps=2)
+    with pytest.raises(ValueError, match='make_trades_step'): train_classifier(cfg, tr, None, tmp_path / 'plain', max_steps=2)   # never a silent plain run
+    assert not (tmp_path / 'plain').exists()
+    clf, hist = train_classifier(cfg, tr, None, tmp_path / 'run', max_steps=2, make_step=make_trades_step)
     assert {'loss', 'natural', 'robust', 'acc'} <= set(hist[-1])
     assert (tmp_path / 'run' / 'last.pt').exists()
     with pytest.raises(ValueError, match='trades_eps'): make_trades_step(cfg.replace(trades_eps=0.0))
