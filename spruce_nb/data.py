@@ -17,9 +17,9 @@ from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoin
 from .core import OutputDir, TMP_TAG, _pid_alive
 
 # %% auto #0
-__all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'DEFAULT_SPLIT_SIZES',
-           'IMAGE_EXTENSIONS', 'PREPROCESSING', 'MAX_IMAGE_PIXELS', 'MAX_IMAGE_BYTES', 'SPLIT_FORMAT',
-           'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2', 'ORACLE_TOL_QUANTILE', 'phantom_seeds',
+__all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'MAX_MARKER_SCALE',
+           'DEFAULT_SPLIT_SIZES', 'IMAGE_EXTENSIONS', 'PREPROCESSING', 'MAX_IMAGE_PIXELS', 'MAX_IMAGE_BYTES',
+           'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2', 'ORACLE_TOL_QUANTILE', 'phantom_seeds',
            'phantom_modalities', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
            'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
            'dataset_from_spec', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
@@ -455,12 +455,18 @@ def _draw(model, seeds, S):
     P, inv = model.params(torch.from_numpy(u0).float(), torch.from_numpy(u4).float())
     return P, inv, torch.from_numpy(tex), torch.from_numpy(noise)
 
-def marker_mask(size: int = 64) -> torch.Tensor:
+def marker_mask(size: int = 64,      # image size
+                scale: float = 1.0,  # letter size: 1 = a 2x7-pixel 'L' at 64 px; 3 = three times taller and wider (a shortcut a classifier learns)
+               ) -> torch.Tensor:
     "Pixels [S,S] (bool) of the optional spurious marker: a laterality letter 'L' in the top-left corner."
+    if not (0 < scale <= MAX_MARKER_SCALE): raise ValueError(f"marker scale must be in (0, {MAX_MARKER_SCALE:g}] (the letter must fit in the corner), got {scale}.")
     X, Y = _grid(_check_size(size))
-    v = (X >= -0.93) & (X <= -0.87) & (Y >= -0.93) & (Y <= -0.71)
-    h = (X >= -0.93) & (X <= -0.79) & (Y >= -0.77) & (Y <= -0.71)
+    x0, y0 = -0.93, -0.93
+    v = (X >= x0) & (X <= x0 + 0.06 * scale) & (Y >= y0) & (Y <= y0 + 0.22 * scale)
+    h = (X >= x0) & (X <= x0 + 0.14 * scale) & (Y >= y0 + 0.16 * scale) & (Y <= y0 + 0.22 * scale)
     return (v | h)[0]
+
+MAX_MARKER_SCALE = 4.0   # at 4 the letter reaches the image's upper-left quarter; beyond, it would cover the lung
 
 def spurious_markers(seeds, labels, strength: float = 0.0) -> torch.Tensor:
     "Which items carry the marker (bool [N]): P(marker) = (1 + strength)/2 for labels > 0, (1 - strength)/2 for label 0."
@@ -469,7 +475,7 @@ def spurious_markers(seeds, labels, strength: float = 0.0) -> torch.Tensor:
     p = torch.where(torch.as_tensor(labels) > 0, (1 + strength) / 2, (1 - strength) / 2)
     return u < p
 
-def _render(model, seeds, cls, S, target=None, chunk=64, markers=None):
+def _render(model, seeds, cls, S, target=None, chunk=64, markers=None, marker_scale=1.0):
     "uint8 images [N,S,S] and causal variables for `seeds` with class indices `cls`; with `target`, also CFs and masks."
     out = dict(images=[], causal=[], counterfactuals=[], cf_causal=[], masks=[])
     for i in range(0, len(seeds), chunk):
@@ -486,7 +492,7 @@ def _render(model, seeds, cls, S, target=None, chunk=64, markers=None):
             out['masks'].append(m)
     out = {k: torch.cat(v) for k, v in out.items() if v}
     if markers is not None and markers.any():                                   # a nuisance: same in both worlds
-        mm = marker_mask(S)[None] & markers.view(-1, 1, 1)
+        mm = marker_mask(S, marker_scale)[None] & markers.view(-1, 1, 1)
         for k in ('images', 'counterfactuals'):
             if k in out: out[k] = torch.where(mm, torch.tensor(250, dtype=torch.uint8), out[k])
     return out
@@ -516,6 +522,7 @@ def make_phantoms(modality: str = 'cxr',   # 'cxr', 'oct' or 'mri'
                   start: int = 0,          # index of the first item (item i has label i % len(classes))
                   labels=None,             # optional explicit labels [n] (indices into `classes`)
                   spurious: float | None = None, # if given, add a corner marker correlated with the label at this strength in [-1, 1]
+                  marker_scale: float = 1.0,     # size of that marker (`marker_mask`)
                  ) -> PhantomBatch:
     "Generate `n` phantoms deterministically: same arguments, byte-identical images on any machine."
     model, size, classes = _check_modality(modality), _check_size(size), _check_classes(modality, classes)
@@ -527,7 +534,7 @@ def make_phantoms(modality: str = 'cxr',   # 'cxr', 'oct' or 'mri'
     full = torch.tensor([PHANTOM_CLASSES[modality].index(c) for c in classes])[labels] if n else labels
     mk = spurious_markers(seeds, labels, spurious) if spurious is not None else torch.zeros(n, dtype=torch.bool)
     if not n: return PhantomBatch(torch.zeros(0, 3, size, size), labels, torch.zeros(0, len(model.causal_names)), seeds, classes, model.causal_names, modality, mk)
-    r = _render(model, seeds, full, size, markers=mk)
+    r = _render(model, seeds, full, size, markers=mk, marker_scale=marker_scale)
     return PhantomBatch(_u8_to_images(r['images']), labels, r['causal'], seeds, classes, model.causal_names, modality, mk)
 
 def phantom_counterfactuals(modality: str,   # 'cxr', 'oct' or 'mri'
@@ -536,6 +543,7 @@ def phantom_counterfactuals(modality: str,   # 'cxr', 'oct' or 'mri'
                             target,          # counterfactual class name(s)
                             size: int = 64,
                             markers=None,    # optional bool [N]: items carrying the spurious marker (kept in the CF)
+                            marker_scale: float = 1.0, # size of that marker (`marker_mask`)
                            ) -> dict:
     "Factual images, **true counterfactuals** and **causal-region masks** [N,H,W] (bool), with both worlds' causal variables."
     model, size = _check_modality(modality), _check_size(size)
@@ -543,7 +551,8 @@ def phantom_counterfactuals(modality: str,   # 'cxr', 'oct' or 'mri'
     idx = lambda c: torch.tensor([_class_index(modality, k) for k in ([c] * len(seeds) if isinstance(c, str) else c)])
     src, tgt = idx(source), idx(target)
     if len(src) != len(seeds) or len(tgt) != len(seeds): raise ValueError("source/target: give one class name, or one per seed.")
-    r = _render(model, seeds, src, size, target=tgt, markers=None if markers is None else torch.as_tensor(markers, dtype=torch.bool))
+    r = _render(model, seeds, src, size, target=tgt, markers=None if markers is None else torch.as_tensor(markers, dtype=torch.bool),
+                marker_scale=marker_scale)
     return dict(images=_u8_to_images(r['images']), counterfactuals=_u8_to_images(r['counterfactuals']),
                 masks=r['masks'], causal=r['causal'], cf_causal=r['cf_causal'])
 
@@ -565,6 +574,7 @@ class PhantomDataset(Dataset):
                  split: str = 'train',   # 'train', 'val' or 'test': disjoint patients
                  start: int = 0,         # first item index (take index ranges with start/n)
                  spurious: float | None = None, # if given, add a corner marker correlated with the label at this strength in [-1, 1]
+                 marker_scale: float = 1.0,     # size of that marker (`marker_mask`; 3 makes a shortcut that a classifier learns)
                 ):
         self.model, self.size = _check_modality(modality), _check_size(size)
         self.modality, self.classes = modality, _check_classes(modality, classes)
@@ -574,7 +584,8 @@ class PhantomDataset(Dataset):
         self.labels = torch.arange(start, start + n) % len(self.classes)
         self._full = torch.tensor([PHANTOM_CLASSES[modality].index(c) for c in self.classes])[self.labels]
         self.causal_names = self.model.causal_names
-        self.spurious = spurious
+        self.spurious, self.marker_scale = spurious, float(marker_scale)
+        marker_mask(self.size, self.marker_scale)   # a bad scale fails here, not at the first item
         self.markers = spurious_markers(self.seeds, self.labels, spurious) if spurious is not None else torch.zeros(n, dtype=torch.bool)
         self._cache = {}
 
@@ -582,12 +593,14 @@ class PhantomDataset(Dataset):
     def task(self) -> str: return phantom_task(self.modality, self.classes)
     def __len__(self): return self.n
     def __repr__(self): return (f"PhantomDataset({self.task!r}, n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r}"
-                                + (f", spurious={self.spurious:g})" if self.spurious is not None else ')'))
+                                + (f", spurious={self.spurious:g}" if self.spurious is not None else '')
+                                + (f", marker_scale={self.marker_scale:g}" if self.marker_scale != 1 else '') + ')')
 
     def _chunk(self, c):
         if c not in self._cache:
             sl = slice(c * self.chunk, min(self.n, (c + 1) * self.chunk))
-            self._cache[c] = _render(self.model, self.seeds[sl], self._full[sl], self.size, markers=self.markers[sl])
+            self._cache[c] = _render(self.model, self.seeds[sl], self._full[sl], self.size, markers=self.markers[sl],
+                                     marker_scale=self.marker_scale)
         return self._cache[c]
 
     def _get(self, i, key):
@@ -608,7 +621,7 @@ class PhantomDataset(Dataset):
         _class_index(self.modality, t)
         i = int(i) % self.n
         r = phantom_counterfactuals(self.modality, self.seeds[i:i + 1], PHANTOM_CLASSES[self.modality][int(self._full[i])], t,
-                                    self.size, markers=self.markers[i:i + 1])
+                                    self.size, markers=self.markers[i:i + 1], marker_scale=self.marker_scale)
         return dict(image=r['images'][0], counterfactual=r['counterfactuals'][0], mask=r['masks'][0],
                     causal=dict(zip(self.causal_names, r['causal'][0].tolist())),
                     cf_causal=dict(zip(self.causal_names, r['cf_causal'][0].tolist())))
@@ -623,7 +636,7 @@ class PhantomDataset(Dataset):
 
     def marker_mask(self) -> torch.Tensor:
         "Pixels [H,W] of the spurious marker (present in items where `.markers` is True)."
-        return marker_mask(self.size)
+        return marker_mask(self.size, self.marker_scale)
 
     def tensors(self, indices=None):
         "All (or the given) items as (images [N,3,H,W] in [-1,1], labels [N])."
@@ -654,17 +667,24 @@ def parse_phantom_task(task: str) -> tuple[str, tuple]:
 # %% ../nbs/02_data.ipynb #eada7481
 DEFAULT_SPLIT_SIZES = {'train': 10000, 'val': 1000, 'test': 1000}  # phantom items per split when `n` is not given
 
-def _spurious_option(spec: str, opt: str) -> float:
-    "The S of a phantom spec's '@spurious=S' (the corner marker's correlation with the label, in [-1, 1])."
-    key, eq, val = opt.partition('=')
-    try: s = float(val) if key.strip() == 'spurious' and eq else float('nan')
-    except ValueError: s = float('nan')
-    if not -1 <= s <= 1:
-        raise ValueError(f"--data {spec!r}: the only phantom option is '@spurious=S' with S in [-1, 1] (the corner marker's correlation "
-                         "with the label: 1 = every diseased image and no healthy one carries it, 0 = half of each), e.g. 'phantoms:cxr@spurious=0.5'.")
-    return s
+def _phantom_options(spec: str, opt: str) -> dict:
+    "PhantomDataset keywords of a phantom spec's options: '@spurious=S' (S in [-1, 1]) and, with it, ',marker=K' (the marker's scale)."
+    out = {}
+    for part in opt.split(','):
+        key, eq, val = (t.strip() for t in part.partition('='))
+        try: v = float(val) if eq else float('nan')
+        except ValueError: v = float('nan')
+        if key == 'spurious' and -1 <= v <= 1: out['spurious'] = v
+        elif key == 'marker' and 0 < v <= MAX_MARKER_SCALE: out['marker_scale'] = v
+        else:
+            raise ValueError(f"--data {spec!r}: a phantom task takes '@spurious=S' with S in [-1, 1] (the corner marker's correlation "
+                             "with the label: 1 = every diseased image and no healthy one carries it, 0 = half of each), e.g. 'phantoms:cxr@spurious=0.5', "
+                             f"optionally followed by ',marker=K' with K in (0, {MAX_MARKER_SCALE:g}] (the letter's size; default 1), e.g. 'phantoms:cxr@spurious=1,marker=3'.")
+    if 'marker_scale' in out and 'spurious' not in out:
+        raise ValueError(f"--data {spec!r}: ',marker=K' sizes the spurious marker; give its strength too, e.g. 'phantoms:cxr@spurious=1,marker=3'.")
+    return out
 
-def dataset_from_spec(spec: str,            # 'phantoms:TASK[@spurious=S]', 'folder:PATH', 'medmnist:PATH.npz' or a directory
+def dataset_from_spec(spec: str,            # 'phantoms:TASK[@spurious=S[,marker=K]]', 'folder:PATH', 'medmnist:PATH.npz' or a directory
                       split: str = 'train', # 'train', 'val', 'test' (or None: a whole folder)
                       size: int | None = 64,# image size (None: a folder's own size / its modality preprocessing)
                       n: int | None = None, # phantoms: number of items (default DEFAULT_SPLIT_SIZES[split])
@@ -676,7 +696,7 @@ def dataset_from_spec(spec: str,            # 'phantoms:TASK[@spurious=S]', 'fol
     kind, _, rest = spec.partition(':')
     if kind == 'phantoms':
         task, _, opt = rest.partition('@')
-        if opt: kwargs = dict(kwargs, spurious=_spurious_option(spec, opt))
+        if opt: kwargs = dict(kwargs, **_phantom_options(spec, opt))
         mod, classes = parse_phantom_task(task or DEFAULT_TASK)
         return PhantomDataset(mod, n=n or DEFAULT_SPLIT_SIZES.get(split or 'train', 1000), size=size or 64, seed=seed,
                               classes=classes, split=split or 'train', **kwargs)

@@ -140,7 +140,8 @@ def _score_batch(spruce, ds, idx: list, src: str, tgt: str, extractors: list, or
     if _is_phantom(ds):
         from spruce_nb.data import phantom_counterfactuals
         seeds = ds.seeds[idx]
-        gt = phantom_counterfactuals(ds.modality, seeds, src, tgt, size=ds.size, markers=ds.markers[idx])
+        gt = phantom_counterfactuals(ds.modality, seeds, src, tgt, size=ds.size, markers=ds.markers[idx],
+                                     marker_scale=getattr(ds, 'marker_scale', 1.0))
         cols.update(edit_metrics(cf, rec, gt['images'], gt['counterfactuals'], gt['masks'], sigma=cfg.edit_sigma, dilate=cfg.mask_dilate))
         path, ts = phantom_cf_path(ds.modality, seeds, src, tgt, size=ds.size)
         pp = path_position(cf, rec, path, ts, gt['masks'], sigma=cfg.edit_sigma, dilate=cfg.mask_dilate)
@@ -187,8 +188,8 @@ def marker_columns(classifier: nn.Module,   # the explained classifier (images i
     from spruce_nb.data import phantom_counterfactuals, marker_mask
     if getattr(ds, 'spurious', None) is None: raise ValueError("marker_columns: the data have no spurious marker; make them with spurious=S (--data phantoms:TASK@spurious=S).")
     has, n = ds.markers[list(idx)], len(idx)
-    M = marker_mask(ds.size)
-    draw = lambda mk: phantom_counterfactuals(ds.modality, ds.seeds[list(idx)], source, target, size=ds.size, markers=mk)['images']
+    M = ds.marker_mask()
+    draw = lambda mk: phantom_counterfactuals(ds.modality, ds.seeds[list(idx)], source, target, size=ds.size, markers=mk, marker_scale=ds.marker_scale)['images']
     toggled = torch.where(has.view(-1, 1, 1, 1), draw(torch.zeros(n, dtype=torch.bool)), draw(torch.ones(n, dtype=torch.bool)))
     x = orig.float().cpu()
     d = (toggled - x).mean(1)[:, M]                                             # [N, |M|]: the full removal / addition
