@@ -22,7 +22,7 @@ __all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TA
            'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2', 'ORACLE_TOL_QUANTILE', 'phantom_seeds',
            'phantom_modalities', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
            'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
-           'dataset_from_spec', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
+           'dataset_from_spec', 'read_dicom', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
            'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle', 'load_oracle', 'fit_oracle']
 
 # %% ../nbs/02_data.ipynb #085fc6ab
@@ -719,6 +719,37 @@ def _check_pixels(path, w: int, h: int):
         raise ValueError(f"cannot read image {path}: {w}x{h} px ({w * h / 2 ** 20:.0f} MP) is more than spruce_nb decodes "
                          f"({MAX_IMAGE_PIXELS / 2 ** 20:.0f} MP); downsample it first (the models work at 64-256 px), or raise spruce_nb.data.MAX_IMAGE_PIXELS.")
 
+def _first(v):
+    "A DICOM number that may be multi-valued (WindowCenter '40\\400'): its first value, as float, or None."
+    if v is None: return None
+    try: return float(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == 'MultiValue' else v)
+    except (TypeError, ValueError, IndexError): return None
+
+def read_dicom(path,                 # a .dcm file
+               window: str = 'file', # 'file': the file's VOI window (first WindowCenter/WindowWidth) when it has one, else min-max; 'minmax': always min-max
+              ) -> np.ndarray:
+    "A DICOM image as float32 HxW (or HxWx3) in [0, 1]: RescaleSlope/Intercept, the VOI window, MONOCHROME1 inverted."
+    path = Path(path)
+    if window not in ('file', 'minmax'): raise ValueError(f"window must be 'file' or 'minmax', got {window!r}.")
+    try: import pydicom
+    except ImportError: raise ValueError(f"cannot read {path}: DICOM needs pydicom (pip install pydicom), or convert the files to PNG.") from None
+    d = pydicom.dcmread(str(path))
+    if not any(k in d for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
+        raise ValueError(f"cannot read {path}: the DICOM file has no pixel data (SOP class {getattr(d, 'SOPClassUID', '?')}: a report, "
+                         "presentation state or DICOMDIR, not an image); remove it from the image folder or the label CSV.")
+    _check_pixels(path, int(d.Columns), int(d.Rows))
+    if int(getattr(d, 'NumberOfFrames', 1) or 1) > 1:
+        raise ValueError(f"cannot read {path}: a multi-frame DICOM ({d.NumberOfFrames} frames); export the frame you want as its own file.")
+    a = d.pixel_array.astype(np.float32)
+    if int(getattr(d, 'SamplesPerPixel', 1)) == 3:                               # colour (e.g. RGB photographs, converted by pydicom)
+        return a / max(float(a.max()), 1.0) if a.max() > 1 else a
+    a = a * (_first(d.get('RescaleSlope')) or 1.0) + (_first(d.get('RescaleIntercept')) or 0.0)   # modality LUT: stored values -> HU etc.
+    c, w = _first(d.get('WindowCenter')), _first(d.get('WindowWidth'))
+    if window == 'file' and c is not None and w is not None and w >= 1:      # VOI LUT, linear (DICOM PS3.3 C.11.2.1.2.1)
+        a = np.clip((a - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    else: a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+    return 1 - a if getattr(d, 'PhotometricInterpretation', '') == 'MONOCHROME1' else a
+
 def _read_array(path) -> np.ndarray:
     "Decode an image file to float32 HxW (gray) or HxWx3 (RGB) in [0, 1]; sizes are checked before decoding."
     path = Path(path)
@@ -726,12 +757,7 @@ def _read_array(path) -> np.ndarray:
     if nbytes > MAX_IMAGE_BYTES:
         raise ValueError(f"cannot read image {path}: {nbytes / 2 ** 20:.0f} MB is larger than spruce_nb reads ({MAX_IMAGE_BYTES / 2 ** 20:.0f} MB); "
                          "downsample or re-encode it first, or raise spruce_nb.data.MAX_IMAGE_BYTES.")
-    if path.suffix.lower() == '.dcm':
-        try: import pydicom
-        except ImportError: raise ValueError(f"cannot read {path}: DICOM needs pydicom (pip install pydicom), or convert the files to PNG.") from None
-        d = pydicom.dcmread(str(path)); _check_pixels(path, int(d.Columns), int(d.Rows)); a = d.pixel_array.astype(np.float32)
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
-        return 1 - a if getattr(d, 'PhotometricInterpretation', '') == 'MONOCHROME1' else a
+    if path.suffix.lower() == '.dcm': return read_dicom(path)
     from PIL import Image
     with Image.open(path) as im:
         _check_pixels(path, *im.size)
