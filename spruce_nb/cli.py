@@ -13,7 +13,7 @@ __all__ = ['CLI_MODULES', 'OPTIONAL_PACKAGES', 'doctor_report', 'build_parser', 
 # %% ../nbs/90_cli.ipynb #8608c616
 #: Modules that may declare `cli_commands`, in the order their commands are listed.
 CLI_MODULES = ('data', 'weights', 'training', 'classifier', 'robust', 'stylegan2', 'augment', 'e4e', 'pti', 'piece',
-               'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer', 'disc', 'ace', 'compare')
+               'counterfactual', 'metrics', 'evaluate', 'ablations', 'demo', 'explorer', 'disc', 'ace', 'compare', 'fit')
 
 def _module_commands(strict: bool = False) -> tuple[list[CLICommand], dict[str, str], list[CLIExtension]]:
     "Collect `cli_commands` and `cli_extensions` from the package's modules; returns (commands, {module: import error}, extensions)."

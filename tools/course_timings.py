@@ -33,6 +33,8 @@ SESSIONS = [
      ['11_metrics.ipynb', '11a_evaluate.ipynb', '12_ablations.ipynb', '13_demo.ipynb']),
     ('7. Peer methods', 'DISC (image priors and manifold consistency) and ACE (a diffusion model as a filter), scored by the same harness as SPRUCE; two baselines and one comparison of every method against the truth',
      ['15_disc.ipynb', '16_ace.ipynb', '17_compare.ipynb']),
+    ('8. Your own data', 'one command from a data set (phantoms, class folders, label CSVs) to a verified, resumable model directory for `spruce explain`',
+     ['18_fit.ipynb']),
 ]
 
 def measure(nb: str, timeout: int = 600) -> dict:

@@ -1,0 +1,64 @@
+"""`spruce fit` end to end in tiny mode: a phantom folder becomes a model directory that `spruce explain` uses; a run killed
+inside the GAN stage is continued without redoing the classifier; a finished directory is reported done and never rewritten."""
+import json
+from pathlib import Path
+import pytest
+from spruce_nb.cli import main
+from spruce_nb.training import Callback
+from spruce_nb.fit import fit_model_dir, fit_config_from_args, read_fit_manifest, FitConfig, FIT_FILES, _fit_args
+
+TINY = ['--tiny', '--image-size', '32', '--no-estimate', '--device', 'cpu']
+
+class Crash(Callback):
+    def after_step(self, trainer):
+        if trainer.step == 3: raise KeyboardInterrupt('killed')
+
+@pytest.fixture(scope='module')
+def phantoms(tmp_path_factory):
+    d = tmp_path_factory.mktemp('fit') / 'ph'
+    assert main(['phantoms', '--out', str(d), '--n', '64', '--size', '32']) == 0
+    return d
+
+def _tiny_cfg():
+    import argparse
+    p = argparse.ArgumentParser(); _fit_args(p)
+    return fit_config_from_args(p.parse_args(['--data', 'x', '--out', 'y', *TINY]))
+
+def test_fit_builds_a_model_dir_that_explain_uses(phantoms, tmp_path, capsys):
+    out = tmp_path / 'model'
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0
+    assert all((out / f).exists() for f in FIT_FILES.values())
+    man = json.loads((out / 'fit.json').read_text())
+    assert set(man['stages']) == set(FIT_FILES) and man['stages']['generator']['ada_p'] is not None
+    img = sorted((phantoms / 'cardiomegaly').glob('*.png'))[0]
+    assert main(['explain', str(img), '--model-dir', str(out), '--out', str(tmp_path / 'ex'), '--steps', '2', '--no-pti', '--device', 'cpu']) == 0
+    assert (tmp_path / 'ex' / f'{img.stem}_counterfactual.png').exists()
+    capsys.readouterr()
+    before = {f: (out / f).stat().st_mtime_ns for f in FIT_FILES.values()}
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0       # finished: reported, nothing rewritten
+    assert 'nothing to do' in capsys.readouterr().out
+    assert before == {f: (out / f).stat().st_mtime_ns for f in FIT_FILES.values()}
+    assert main(['fit', '--data', 'phantoms:oct', '--out', str(out), *TINY]) == 2             # another data set: refused
+    assert 'never mixes data sets' in capsys.readouterr().err
+
+def test_fit_killed_in_the_gan_stage_resumes(phantoms, tmp_path, capsys):
+    out, cfg = tmp_path / 'model', _tiny_cfg()
+    with pytest.raises(KeyboardInterrupt):
+        fit_model_dir(f'folder:{phantoms}', out, cfg, device='cpu', estimate=False, callbacks={'generator': [Crash()]})
+    m1 = read_fit_manifest(out)
+    assert list(m1['stages']) == ['classifier'] and not (out / 'generator.pt').exists() and (out / 'runs/generator/last.pt').exists()
+    capsys.readouterr()
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0
+    log = capsys.readouterr().out
+    assert '[1/4] classifier: finished before' in log and '[2/4] generator: continuing the stopped run' in log
+    m2 = read_fit_manifest(out)
+    assert m2['stages']['classifier'] == m1['stages']['classifier'] and set(m2['stages']) == set(FIT_FILES)
+    assert m2['stages']['generator']['kimg'] == pytest.approx(cfg.gan_kimg)
+
+def test_fit_refuses_foreign_files_and_bad_flags(phantoms, tmp_path, capsys):
+    (tmp_path / 'classifier.pt').write_bytes(b'not spruce')
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(tmp_path), *TINY]) == 2
+    assert 'were not made by spruce' in capsys.readouterr().err
+    assert (tmp_path / 'classifier.pt').read_bytes() == b'not spruce'
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(tmp_path / 'm'), '--tiny', '--image-size', '48']) == 2
+    assert 'power of two' in capsys.readouterr().err
