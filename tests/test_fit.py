@@ -33,6 +33,9 @@ def test_fit_builds_a_model_dir_that_explain_uses(phantoms, tmp_path, capsys):
     img = sorted((phantoms / 'cardiomegaly').glob('*.png'))[0]
     assert main(['explain', str(img), '--model-dir', str(out), '--out', str(tmp_path / 'ex'), '--steps', '2', '--no-pti', '--device', 'cpu']) == 0
     assert (tmp_path / 'ex' / f'{img.stem}_counterfactual.png').exists()
+    assert main(['evaluate', '--model-dir', str(out), '--out', str(tmp_path / 'ev'), '--data', f'folder:{phantoms}', '--n', '2', '--steps', '2',
+                 '--no-pti', '--extractor', 'classifier', '--device', 'cpu']) == 0
+    assert (tmp_path / 'ev' / 'summary.md').exists()
     capsys.readouterr()
     before = {f: (out / f).stat().st_mtime_ns for f in FIT_FILES.values()}
     assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0       # finished: reported, nothing rewritten
@@ -62,3 +65,23 @@ def test_fit_refuses_foreign_files_and_bad_flags(phantoms, tmp_path, capsys):
     assert (tmp_path / 'classifier.pt').read_bytes() == b'not spruce'
     assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(tmp_path / 'm'), '--tiny', '--image-size', '48']) == 2
     assert 'power of two' in capsys.readouterr().err
+
+def test_fit_on_an_rsna_layout_dicom_csv(tmp_path):
+    "A CSV-labelled DICOM folder (pydicom's sample files under fake patient ids) becomes a model directory; explain reads a .dcm."
+    import csv, shutil
+    data = pytest.importorskip('pydicom.data', reason='pip install pydicom')
+    src, rows, imgs = [data.get_testdata_file('CT_small.dcm'), data.get_testdata_file('MR_small.dcm')], [], tmp_path / 'imgs'
+    imgs.mkdir()
+    for i in range(40):
+        pid, t = f'p{i:03d}', i % 2                      # the label is the modality (CT / MR): learnable in a few steps
+        shutil.copy(src[t], imgs / f'{pid}.dcm')
+        rows += [[pid, 1, 2, 3, 4, 1]] * 2 if t else [[pid, '', '', '', '', 0]]
+    with open(tmp_path / 'labels.csv', 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(['patientId', 'x', 'y', 'width', 'height', 'Target']); w.writerows(rows)
+    out = tmp_path / 'model'
+    assert main(['fit', '--data', f'csv:{tmp_path}/labels.csv@layout=rsna,images={imgs}', '--out', str(out), *TINY]) == 0
+    man = read_fit_manifest(out)
+    assert man['classes'] == ['normal', 'pneumonia'] and set(man['stages']) == set(FIT_FILES)
+    with pytest.warns(UserWarning, match='resized to 32x32'):         # the 64-px MR slice, at the models' 32 px
+        assert main(['explain', str(imgs / 'p001.dcm'), '--model-dir', str(out), '--out', str(tmp_path / 'ex'), '--steps', '2', '--no-pti',
+                     '--device', 'cpu']) == 0
