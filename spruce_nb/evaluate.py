@@ -37,7 +37,7 @@ class EvaluationConfig(Config):
     source_class: str = 'cardiomegaly'  # c: the class whose images are explained (a pathology)
     target_class: str = 'normal'        # c': the counterfactual class (healthy)
     n: int = 500                        # N: correctly classified source images (thesis: 500)
-    data: str = DEFAULT_DATA            # held-out data (a `spruce_nb.data.dataset_from_spec` string, or a dataset's repr)
+    data: str = DEFAULT_DATA            # held-out data (a `spruce_nb.records.open_dataset` string, or a dataset's repr)
     split: str = 'test'                 # held-out split
     data_n: int | None = None           # phantoms: items in that split (None: DEFAULT_SPLIT_SIZES[split])
     data_seed: int = 0                  # base seed of the data (phantom population / folder split)
@@ -477,7 +477,7 @@ def _field_set_level(rows, feats, ds, orc, cfg, names) -> dict:
     return out
 
 def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce`, or any with explain/classifier/classes/resolution/device/fingerprint/describe (DISC, ACE)
-                             data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `dataset_from_spec` string
+                             data=DEFAULT_DATA,          # a held-out Dataset of (image, label), or a `records.open_dataset` string
                              source_class: str = 'cardiomegaly', # c: class explained (its correctly classified images)
                              target_class: str = 'normal',       # c': counterfactual class (real images of it are the FID/CMMD reference)
                              n: int = 500,               # N images
@@ -498,7 +498,7 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
                              diversity_seeds: int = 0,   # K ≥ 2: explain every batch with K seeds and report σ_L (K times the cost)
                             ) -> EvaluationResult:
     "Explain N correctly classified held-out source images, score them, and write the thesis' table (CSV, Markdown), a figure and a JSON report; resumable."
-    from spruce_nb.data import dataset_from_spec
+    from spruce_nb.records import open_dataset   # any --data string: phantoms, folders, MedMNIST, and label CSVs split by patient (02b)
     from spruce_nb.perceptual import lpips_info
     t0 = time.time()
     cfg = config or EvaluationConfig(source_class=source_class, target_class=target_class, n=n, batch_size=batch_size, seed=seed,
@@ -506,7 +506,7 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
     if not isinstance(data, str) and cfg.data != repr(data): cfg = cfg.replace(data=repr(data))
     if layout not in (None, 'dime'): raise ValueError(f"layout {layout!r}: the only output layout besides ours is 'dime' (DiME/ACE's Original/ + Results/).")
     if diversity_seeds == 1 or diversity_seeds < 0: raise ValueError(f"diversity_seeds={diversity_seeds}: σ_L needs at least 2 seeds per image (0 switches it off).")
-    ds = dataset_from_spec(data, split=cfg.split, size=spruce.resolution, n=cfg.data_n, seed=cfg.data_seed) if isinstance(data, str) else data
+    ds = open_dataset(data, split=cfg.split, size=spruce.resolution, n=cfg.data_n, seed=cfg.data_seed) if isinstance(data, str) else data
     names = _class_names(ds, spruce)
     for c in (cfg.source_class, cfg.target_class):
         if c not in names or c not in spruce.classes:
@@ -525,7 +525,7 @@ def evaluate_counterfactuals(spruce,                     # an explainer: `Spruce
 def _evaluate_in(spruce, data, cfg, ds, names, out, extractor, oracle, label, max_batches, show_progress, on_batch, command,
                  nearest_split, layout, diversity_seeds, t0) -> EvaluationResult:
     "The body of `evaluate_counterfactuals`, run while it holds its output directory."
-    from spruce_nb.data import dataset_from_spec
+    from spruce_nb.records import open_dataset   # any --data string: phantoms, folders, MedMNIST, and label CSVs split by patient (02b)
     from spruce_nb.perceptual import lpips_info
     exts = realism_extractors(spruce, extractor)
     ext_names = [e.name for e in exts]
@@ -587,7 +587,7 @@ def _selection(out, spruce, ds, cfg) -> dict:
 
 def _finish(out, spruce, data, cfg, ds, names, exts, ext_names, lp, label, fp, sel, orc, orc_src, nb, computed, command, nearest_split, layout, t0):
     "Rank 0, once every rank's batches are written: the merged rows, the set-level columns on all of them, the tables, the figure, the report."
-    from spruce_nb.data import dataset_from_spec
+    from spruce_nb.records import open_dataset   # any --data string: phantoms, folders, MedMNIST, and label CSVs split by patient (02b)
     done = all(_batch_file(out, b).exists() for b in range(nb))
     rows, feats, imgs = _load_batches(out, nb if done else None)
     if not done: return EvaluationResult(out, False, rows, [], {}, computed)
@@ -599,7 +599,7 @@ def _finish(out, spruce, data, cfg, ds, names, exts, ext_names, lp, label, fp, s
     real_idx = _ordered(_labels_of(ds), names.index(cfg.target_class), cfg.seed + 1)[:cfg.n_real or None]
     real = {e.key: torch.cat([e(_items(ds, real_idx[i:i + 256])) for i in range(0, len(real_idx), 256)]) if real_idx else torch.zeros(0, 1) for e in exts}
     if isinstance(data, str) and nearest_split:   # L1 baseline: nearest real target-class image of the training split
-        _add_nearest_l1(rows, ds, dataset_from_spec(data, split=nearest_split, size=spruce.resolution, seed=cfg.data_seed), names.index(cfg.target_class))
+        _add_nearest_l1(rows, ds, open_dataset(data, split=nearest_split, size=spruce.resolution, seed=cfg.data_seed), names.index(cfg.target_class))
     summary = summarise(rows, feats, real, exts, label=label, unbiased=cfg.cmmd_unbiased, extra=_field_set_level(rows, feats, ds, orc, cfg, names))
     gt = _is_phantom(ds)
     causal = list(getattr(ds, 'causal_names', ()))
@@ -716,7 +716,7 @@ def _protocol_options(p, n: int = 500, out_help: str = ''):
     p.add_argument('--classes', default='cardiomegaly:normal', help='SOURCE:TARGET class names (default cardiomegaly:normal)')
     p.add_argument('--n', type=positive_int, default=n, help=f'correctly classified source images to explain (default {n})')
     p.add_argument('--out', required=True, help=out_help)
-    p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data: phantoms:TASK, folder:PATH or medmnist:PATH.npz (default {DEFAULT_DATA})')
+    p.add_argument('--data', default=DEFAULT_DATA, help=f'held-out data: phantoms:TASK, folder:PATH, medmnist:PATH.npz or a label CSV csv:PATH@layout=... (02b_records; split by patient) (default {DEFAULT_DATA})')
     p.add_argument('--split', default='test', help='held-out split (default test)')
     p.add_argument('--data-n', type=positive_int, default=None, help='phantoms: items in the split (default 1000 for test)')
     p.add_argument('--seed', type=int, default=0, help='order in which source images are drawn')

@@ -67,7 +67,7 @@ class FitConfig(Config):
                              encoder_fpn_channels=16, gmm_k=2, gmm_max_items=64, n_train=48, n_val=16), **kw})
 
 FIT_PRESETS = {
-    'cpu': FitConfig(),                                                      # minutes to an hour on a laptop CPU at 64 px
+    'cpu': FitConfig(),                                                      # 64 px: ~2 h on one busy CPU core, 90 % of it the GAN
     'thesis': FitConfig(image_size=256, arch='convnext_base', classifier_epochs=100, gan_config='paper256', gan_kimg=10000.0,
                         encoder_steps=20000, encoder_widths=(64, 128, 256, 512), encoder_units=(3, 4, 14, 3), encoder_fpn_channels=512),  # GPUs: days
 }

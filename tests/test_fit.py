@@ -85,3 +85,6 @@ def test_fit_on_an_rsna_layout_dicom_csv(tmp_path):
     with pytest.warns(UserWarning, match='resized to 32x32'):         # the 64-px MR slice, at the models' 32 px
         assert main(['explain', str(imgs / 'p001.dcm'), '--model-dir', str(out), '--out', str(tmp_path / 'ex'), '--steps', '2', '--no-pti',
                      '--device', 'cpu']) == 0
+    assert main(['evaluate', '--model-dir', str(out), '--out', str(tmp_path / 'ev'), '--data', f'csv:{tmp_path}/labels.csv@layout=rsna,images={imgs}',
+                 '--classes', 'pneumonia:normal', '--n', '1', '--steps', '2', '--no-pti', '--extractor', 'classifier', '--device', 'cpu']) == 0
+    assert (tmp_path / 'ev' / 'summary.md').exists()                   # held-out patients: the test split of the same patient-level split
