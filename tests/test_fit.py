@@ -88,3 +88,30 @@ def test_fit_on_an_rsna_layout_dicom_csv(tmp_path):
     assert main(['evaluate', '--model-dir', str(out), '--out', str(tmp_path / 'ev'), '--data', f'csv:{tmp_path}/labels.csv@layout=rsna,images={imgs}',
                  '--classes', 'pneumonia:normal', '--n', '1', '--steps', '2', '--no-pti', '--extractor', 'classifier', '--device', 'cpu']) == 0
     assert (tmp_path / 'ev' / 'summary.md').exists()                   # held-out patients: the test split of the same patient-level split
+
+def test_fit_sigkilled_in_the_gan_stage_resumes(phantoms, tmp_path, capsys):
+    "A hard kill (SIGKILL: no cleanup, the lock file stays) inside the GAN stage; the next `spruce fit` takes the dead run's lock over and continues."
+    import os, signal, subprocess, sys
+    if not hasattr(signal, 'SIGKILL'): pytest.skip('no SIGKILL on this platform')
+    out = tmp_path / 'model'
+    code = f"""
+import os, signal
+from spruce_nb.training import Callback
+from spruce_nb.fit import fit_model_dir, FitConfig
+class Kill(Callback):
+    def after_step(self, trainer):
+        if trainer.step == 3: os.kill(os.getpid(), signal.SIGKILL)
+fit_model_dir('folder:{phantoms}', '{out}', FitConfig.tiny(image_size=32), device='cpu', estimate=False, callbacks={{'generator': [Kill()]}})
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    from spruce_nb.core import OUTPUT_LOCK
+    assert (out / OUTPUT_LOCK).exists()                                # the dead run's lock
+    m1 = read_fit_manifest(out)
+    assert list(m1['stages']) == ['classifier'] and (out / 'runs/generator/last.pt').exists()
+    capsys.readouterr()
+    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0
+    log = capsys.readouterr().out
+    assert '[1/4] classifier: finished before' in log and '[2/4] generator: continuing the stopped run' in log
+    m2 = read_fit_manifest(out)
+    assert m2['stages']['classifier'] == m1['stages']['classifier'] and set(m2['stages']) == set(FIT_FILES)
