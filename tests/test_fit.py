@@ -115,3 +115,17 @@ fit_model_dir('folder:{phantoms}', '{out}', FitConfig.tiny(image_size=32), devic
     assert '[1/4] classifier: finished before' in log and '[2/4] generator: continuing the stopped run' in log
     m2 = read_fit_manifest(out)
     assert m2['stages']['classifier'] == m1['stages']['classifier'] and set(m2['stages']) == set(FIT_FILES)
+
+def test_thesis_preset_builds_consistent_networks():
+    "--preset thesis (GPU-sized; nothing is trained here): ConvNeXt-Base, StyleGAN2 paper256 and an IR-SE50-sized e4e at 256 px fit together."
+    import torch
+    from spruce_nb.fit import FIT_PRESETS, _classifier_config, _gan_config, _encoder_config
+    from spruce_nb.e4e import build_encoder
+    c = FIT_PRESETS['thesis']
+    clf = _classifier_config(c, ('normal', 'cardiomegaly'), 10000).build(pretrained=False)
+    g = _gan_config(c); G = g.make_generator()
+    E = build_encoder(G, _encoder_config(c, g.resolution))
+    assert (clf.arch, clf.image_size, g.name, g.resolution, g.batch) == ('convnext_base', 256, 'paper256', 256, 64)
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 256, 256)
+        assert clf(x).shape == (1, 2) and E(x).shape == (1, G.num_ws, G.w_dim)
