@@ -63,6 +63,7 @@ def test_fit_refuses_foreign_files_and_bad_flags(phantoms, tmp_path, capsys):
     assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(tmp_path), *TINY]) == 2
     assert 'were not made by spruce' in capsys.readouterr().err
     assert (tmp_path / 'classifier.pt').read_bytes() == b'not spruce'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['classifier.pt']   # nothing written, not even the record or a lock
     assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(tmp_path / 'm'), '--tiny', '--image-size', '48']) == 2
     assert 'power of two' in capsys.readouterr().err
 
