@@ -4,14 +4,13 @@
 
 # %% ../nbs/18_fit.ipynb #43eae715
 from __future__ import annotations
-import json, math, os, shutil, time
+import json, math, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .core import (CLICommand, Config, OutputDir, atomic_write, dump_json, file_sha256, get_device, positive_int,
-                            positive_float, nonneg_float, __version__)
+from .core import CLICommand, Config, OutputDir, atomic_write, dump_json, file_sha256, get_device, positive_int, positive_float, __version__
 from .training import Callback
 from .records import open_dataset
 from .classifier import ClassifierConfig, train_classifier, save_classifier, load_classifier, evaluate_classifier
