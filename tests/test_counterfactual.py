@@ -67,7 +67,11 @@ def test_batching_equals_one_by_one(parts):
     full = optimise_latents(render, clf, I, ws_p, x_t, tgt, cfg, lpips_fn=ZERO_LPIPS, show_progress=False)
     for i in range(3):
         one = optimise_latents(render, clf, I[i:i+1], ws_p[i:i+1], x_t[i:i+1], tgt[i:i+1], cfg, lpips_fn=ZERO_LPIPS, show_progress=False)
-        torch.testing.assert_close(one.ws[0], full.ws[i], rtol=1e-3, atol=2e-4)
+        # Batched and single convolutions round differently (~1e-7); Adam divides by sqrt(v), so in a latent element whose gradient
+        # is nearly zero that rounding can move a step by a visible fraction of lr (seen: 3e-4 in 1 of 512 elements). Coupling
+        # between images (a batch-level norm, a loss mixed across images) moves every element by O(lr) per step, far above this bound.
+        torch.testing.assert_close(one.ws[0], full.ws[i], rtol=1e-3, atol=0.1 * cfg.lr)
+        assert (one.ws[0] - full.ws[i]).abs().mean() < 1e-4, 'more than rounding: the images of a batch influence each other'
         torch.testing.assert_close(one.probs[:, 0], full.probs[:, i], rtol=1e-3, atol=1e-4)
 
 def test_feature_term_pulls_features_to_target(parts):
