@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/explain_variants.py NAME PTI_JSON CF_JSON [N] [--out nbs/data/explain_variants.json]
 
 PTI_JSON / CF_JSON override `PTIConfig` / `CounterfactualConfig` fields, e.g. '{"steps": 100}' '{"lpips_net": "vgg"}'.
-The row (means ± 95 % intervals, median seconds per counterfactual over chunks of 8) is added to the JSON file under NAME.
+The row (means ± 95 % intervals, median wall and CPU seconds per counterfactual over chunks of 8) is added to the JSON file under NAME.
 Timings here are not interleaved with anything: compare speed with bench_explain.py, quality here.
 """
 import sys, json, statistics, argparse
@@ -23,17 +23,17 @@ def main():
     torch.set_num_threads(1)
     pti, cf = json.loads(a.pti), json.loads(a.cf)
     x, seeds = B.queries(a.n, B.ZOO_DIR / 'cxr64')
-    res = {k: [] for k, _ in B.QUALITY}; secs = []
+    res = {k: [] for k, _ in B.QUALITY}; secs, cpus = [], []
     for k in range(0, a.n, 8):
-        dt, ex = B.run_chunk((pti, cf), x[k:k + 8], B.ZOO_DIR / 'cxr64')
-        secs.append(dt / len(ex))
+        dt, ex, cpu = B.run_chunk((pti, cf), x[k:k + 8], B.ZOO_DIR / 'cxr64')
+        secs.append(dt / len(ex)); cpus.append(cpu / len(ex))
         for kk, v in B.quality(ex, seeds[k:k + 8]).items(): res[kk] += v
     row = dict(pti=PTIConfig(**pti).to_dict(), cf={k: v for k, v in CounterfactualConfig(**cf).to_dict().items()}, n=a.n,
                command=f"OMP_NUM_THREADS=1 python bench/explain_variants.py {a.name} '{a.pti}' '{a.cf}' {a.n}",
-               seconds_per_cf=statistics.median(secs), quality={k: dict(zip(('mean', 'ci95'), B.ci95(v))) for k, v in res.items()})
+               seconds_per_cf=statistics.median(secs), cpu_seconds_per_cf=statistics.median(cpus), quality={k: dict(zip(('mean', 'ci95'), B.ci95(v))) for k, v in res.items()})
     out = Path(a.out); allr = json.loads(out.read_text()) if out.exists() else {}
     allr[a.name] = row
     with atomic_write(out, overwrite=True, mode='w') as f: json.dump(allr, f, indent=1)
-    print(a.name, f"{row['seconds_per_cf']:.2f} s/CF", ' '.join(f"{k}={v['mean']:.3f}±{v['ci95']:.3f}" for k, v in row['quality'].items()))
+    print(a.name, f"{row['seconds_per_cf']:.2f} s/CF (CPU {row['cpu_seconds_per_cf']:.2f})", ' '.join(f"{k}={v['mean']:.3f}±{v['ci95']:.3f}" for k, v in row['quality'].items()))
 
 if __name__ == '__main__': main()

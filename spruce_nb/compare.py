@@ -623,7 +623,7 @@ def shortcut_table(runs: dict,                   # strength S -> a finished `spr
     return out
 
 def shortcut_markdown(table: list[dict]) -> str:
-    "Methods down, strengths across: % of counterfactuals that edit the marker (removed / added), under the classifier's own reliance on it."
+    "Methods down, strengths across: % of counterfactuals that edit the marker (removed / added), the share of their edit energy in it and the mean toggle, under the classifier's own reliance on it."
     ss = sorted({t['strength'] for t in table}, reverse=True)
     by = {(t['label'], t['strength']): t for t in table}
     pct = lambda v, ci=None: '–' if not _finite(v) else f'{100 * v:.0f} %' + ('' if not _finite(ci) else f' ± {100 * ci:.0f}')
@@ -637,4 +637,7 @@ def shortcut_markdown(table: list[dict]) -> str:
         lines.append(f'| **{lab}**: edits the marker (removes / adds); by its own edit, beyond the inversion | ' + ' | '.join(
             '–' if (lab, s) not in by else f"{pct(by[(lab, s)]['edited'], by[(lab, s)]['edited_ci95'])} ({pct(by[(lab, s)]['removed'])} / {pct(by[(lab, s)]['added'])}); "
             f"{pct(by[(lab, s)]['marker_edited_edit'])}" for s in ss) + ' |')
+        lines.append(f'| {lab}: share of its edit in the marker; marker toggled on average (its own edit) | ' + ' | '.join(
+            '–' if (lab, s) not in by else f"{pct(by[(lab, s)]['marker_share'], by[(lab, s)]['marker_share_ci95'])}; "
+            f"{by[(lab, s)]['marker_toggle']:.2f} ({by[(lab, s)]['marker_toggle_edit']:+.2f})" for s in ss) + ' |')
     return '\n'.join(lines)
