@@ -20,6 +20,14 @@ The runs (resumable: rerunning a command continues it; `torchrun --nproc_per_nod
     # (ACE: add ace to --methods; the zoo's DDPM, trained on marker-free 'phantoms:cxr', counts as the same image domain since dc8c69f)
     # 3. this collector
     python bench/shortcut_test.py --runs RUNS --out nbs/data/shortcut_cxr64.json
+
+The zoo's recipe does not learn the default marker (a 20-pixel letter): even at S = 1 the classifier learns the heart. The second
+run makes the marker 3 times larger (`marker=3`: 166 pixels, 4 % of a 64-px image), which the S = 1 classifier does rely on. It is the
+same commands with `marker=3` added to every phantom string (`phantoms:cxr@spurious=$S,marker=3` for training, fit-gmms, DUQ and the
+accuracies; `phantoms:cxr:cardiomegaly-vs-normal@spurious=0,marker=3` for compare, with `ace` in `--methods`), one process per
+strength (`OMP_NUM_THREADS=1`), then
+
+    python bench/shortcut_test.py --runs RUNS3 --out nbs/data/shortcut_cxr64_marker3.json
 """
 import argparse, json, sys
 from pathlib import Path
