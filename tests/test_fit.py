@@ -44,18 +44,24 @@ def test_fit_builds_a_model_dir_that_explain_uses(phantoms, tmp_path, capsys):
     assert main(['fit', '--data', 'phantoms:oct', '--out', str(out), *TINY]) == 2             # another data set: refused
     assert 'never mixes data sets' in capsys.readouterr().err
 
-def test_fit_killed_in_the_gan_stage_resumes(phantoms, tmp_path, capsys):
-    out, cfg = tmp_path / 'model', _tiny_cfg()
-    with pytest.raises(KeyboardInterrupt):
-        fit_model_dir(f'folder:{phantoms}', out, cfg, device='cpu', estimate=False, callbacks={'generator': [Crash()]})
+def _resume_continues(phantoms, out, capsys):
+    "After a run stopped inside the GAN stage: the next `spruce fit` keeps the classifier, continues the generator and finishes every stage."
     m1 = read_fit_manifest(out)
-    assert list(m1['stages']) == ['classifier'] and not (out / 'generator.pt').exists() and (out / 'runs/generator/last.pt').exists()
+    assert list(m1['stages']) == ['classifier'] and (out / 'runs/generator/last.pt').exists()
     capsys.readouterr()
     assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0
     log = capsys.readouterr().out
     assert '[1/4] classifier: finished before' in log and '[2/4] generator: continuing the stopped run' in log
     m2 = read_fit_manifest(out)
     assert m2['stages']['classifier'] == m1['stages']['classifier'] and set(m2['stages']) == set(FIT_FILES)
+    return m2
+
+def test_fit_killed_in_the_gan_stage_resumes(phantoms, tmp_path, capsys):
+    out, cfg = tmp_path / 'model', _tiny_cfg()
+    with pytest.raises(KeyboardInterrupt):
+        fit_model_dir(f'folder:{phantoms}', out, cfg, device='cpu', estimate=False, callbacks={'generator': [Crash()]})
+    assert not (out / 'generator.pt').exists()
+    m2 = _resume_continues(phantoms, out, capsys)
     assert m2['stages']['generator']['kimg'] == pytest.approx(cfg.gan_kimg)
 
 def test_fit_refuses_foreign_files_and_bad_flags(phantoms, tmp_path, capsys):
@@ -108,14 +114,7 @@ fit_model_dir('folder:{phantoms}', '{out}', FitConfig.tiny(image_size=32), devic
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     from spruce_nb.core import OUTPUT_LOCK
     assert (out / OUTPUT_LOCK).exists()                                # the dead run's lock
-    m1 = read_fit_manifest(out)
-    assert list(m1['stages']) == ['classifier'] and (out / 'runs/generator/last.pt').exists()
-    capsys.readouterr()
-    assert main(['fit', '--data', f'folder:{phantoms}', '--out', str(out), *TINY]) == 0
-    log = capsys.readouterr().out
-    assert '[1/4] classifier: finished before' in log and '[2/4] generator: continuing the stopped run' in log
-    m2 = read_fit_manifest(out)
-    assert m2['stages']['classifier'] == m1['stages']['classifier'] and set(m2['stages']) == set(FIT_FILES)
+    _resume_continues(phantoms, out, capsys)
 
 def test_thesis_preset_builds_consistent_networks():
     "--preset thesis (GPU-sized; nothing is trained here): ConvNeXt-Base, StyleGAN2 paper256 and an IR-SE50-sized e4e at 256 px fit together."
