@@ -13,9 +13,11 @@ run with today's code (so it also gets the bit-identical savings, e.g. cached ta
 `new` is `Spruce.from_dir` with no overrides: today's defaults. Results per chunk go to `--out` (resumable: a finished chunk
 is read back, not recomputed; `--retime K` then times K fresh interleaved repeats of the first chunk per path and reports those only). Speed never goes in a unit test; this is the place.
 
-Two clocks per chunk: wall seconds and the process's CPU seconds (`time.process_time`). With one thread the CPU seconds are the
-work done and do not grow when other jobs share the machine, so the ratio is taken on them by default (`--clock cpu`); on an
-idle machine the two agree to within the few seconds of file I/O, and both are printed. Use `--clock wall` with several threads.
+Two clocks per chunk: wall seconds and the process's CPU seconds (`time.process_time`). With one thread the CPU seconds do not
+count the time other jobs hold the core, so the ratio is taken on them by default (`--clock cpu`); they still grow somewhat when
+another process shares the caches and memory bandwidth (seen: 9.4 to 12.5 s for the same path's chunks), which the interleaving
+spreads over both paths. On an idle machine the two clocks agree to within the file I/O, and both are printed. Use `--clock wall`
+with several threads.
 
     OMP_NUM_THREADS=1 python bench/bench_explain.py --n 32 --chunk 8 --out bench_out/explain
 """
@@ -106,16 +108,18 @@ def main():
                 with atomic_write(f, mode='w') as fh: json.dump(r, fh)
                 print(f'  {p:>8} chunk {k // a.chunk}: {dt / len(ex):.2f} s per counterfactual (CPU {cpu / len(ex):.2f} s)', flush=True)
             res[p].append(r)
+    timed = res                                  # the records whose seconds count
+    if a.retime:                                 # chunks read back from earlier runs were not interleaved: time afresh, side by side
+        timed = {p: [] for p in a.paths}
+        for rep in range(a.retime):
+            for p in a.paths:
+                dt, ex, cpu = run_chunk(p, x[:a.chunk], a.model_dir)
+                timed[p].append(dict(seconds=dt, cpu_seconds=cpu, images=len(ex)))
+                print(f'  {p:>8} retime {rep}: {dt / len(ex):.2f} s per counterfactual (CPU {cpu / len(ex):.2f} s)', flush=True)
     ck = 'cpu_seconds' if a.clock == 'cpu' else 'seconds'
-    if any(ck not in r for p in a.paths for r in res[p]): raise SystemExit(f'{out}: chunks from before the CPU clock; time them again (--retime K) or use --clock wall')
-    times = {p: [r[ck] / r['images'] for r in res[p]] for p in a.paths}
-    walls = {p: [r['seconds'] / r['images'] for r in res[p]] for p in a.paths}
-    if a.retime: times, walls = {p: [] for p in a.paths}, {p: [] for p in a.paths}   # chunks read back from earlier runs were not interleaved: time afresh
-    for rep in range(a.retime):
-        for p in a.paths:
-            dt, ex, cpu = run_chunk(p, x[:a.chunk], a.model_dir)
-            times[p].append((cpu if a.clock == 'cpu' else dt) / len(ex)); walls[p].append(dt / len(ex))
-            print(f'  {p:>8} retime {rep}: {dt / len(ex):.2f} s per counterfactual (CPU {cpu / len(ex):.2f} s)', flush=True)
+    if any(ck not in r for p in a.paths for r in timed[p]): raise SystemExit(f'{out}: chunks from before the CPU clock; time them again (--retime K) or use --clock wall')
+    per_cf = lambda key: {p: [r[key] / r['images'] for r in timed[p]] for p in a.paths}
+    times, walls = per_cf(ck), per_cf('seconds')
     print(f"\n{'path':>9} {a.clock + ' s / counterfactual (median)':>31} {'wall s (median)':>16} {'chunks':>7}")
     for p in a.paths: print(f'{p:>9} {statistics.median(times[p]):>31.2f} {statistics.median(walls[p]):>16.2f} {len(times[p]):>7}')
     if len(a.paths) == 2:
