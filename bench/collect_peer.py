@@ -2,6 +2,7 @@
 
     python bench/collect_peer.py /work/scratch/runs_disc/plain /work/scratch/runs_disc/trades2 --out nbs/data/eval_cxr64_disc.json --time
     python bench/collect_peer.py /work/scratch/runs_ace/plain /work/scratch/runs_ace/trades2 --out nbs/data/eval_cxr64_ace.json --time
+    python bench/collect_peer.py /work/scratch/runs_ace/plain_s100 --out nbs/data/eval_cxr64_ace.json --time --add   # keep the runs already collected
 
 Per run: the command, N, every per-image column of the harness as mean ± 95 % interval (1.96·s/√n), the set-level rows (FID, KID, ...),
 and DISC's Δlog-odds = logit p_t(x') − logit p_t(x) (the originals re-read from the run's data and selection, scored by the run's classifier).
@@ -11,6 +12,7 @@ import argparse, csv, json, shlex, sys, time
 from pathlib import Path
 
 import torch
+from spruce_nb.core import atomic_write
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
 from collect_eval import mean_ci as _stat, per_image_stats     # one implementation of the per-image statistics
 
@@ -68,9 +70,14 @@ def main(argv=None):
     p.add_argument('--model-dir', default='spruce_nb/zoo/cxr64')
     p.add_argument('--out', required=True)
     p.add_argument('--time', action='store_true', help='also time one batch of 16 on one CPU thread')
+    p.add_argument('--add', action='store_true', help='keep the runs already in --out (a run with the same command is replaced)')
     a = p.parse_args(argv)
     res = [collect(Path(r), Path(a.model_dir), a.time) for r in a.runs]
-    Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
+    out = Path(a.out)
+    if a.add and out.exists():
+        new = {r['command'] for r in res}
+        res = [r for r in json.loads(out.read_text()) if r['command'] not in new] + res
+    with atomic_write(out, overwrite=True, mode='w') as f: f.write(json.dumps(res, indent=1) + '\n')
     for r in res:
         print(r['label'], r['classifier'], r.get('seconds_per_cf'), {k: f"{v['mean']:.3f}±{v['ci95']:.3f}" for k, v in r['per_image'].items()})
     print(f'wrote {a.out}')
