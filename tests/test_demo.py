@@ -6,14 +6,17 @@ from spruce_nb.demo import ZOO_FILES, zoo_manifest, check_zoo_file, ensure_model
 from spruce_nb.core import load_checkpoint
 
 def test_zoo_files_match_manifest():
+    "Every file of every zoo entry has the sha256 its manifest records, its commands and commit, and loads with the safe loader; cxr64 has every file the demo needs."
     man = zoo_manifest()
     assert 'cxr64' in man, 'the model zoo manifest has no cxr64 entry'
-    for name in ZOO_FILES:
-        ok, why = check_zoo_file('cxr64', name, man)
-        assert ok, why
-        f = man['cxr64']['files'][name]
-        assert f['command'] and f['quick_command'] and len(f['commit']) == 40
-        load_checkpoint(Path(__file__).resolve().parents[1] / 'spruce_nb' / 'zoo' / 'cxr64' / name)   # safe loader accepts it
+    assert set(ZOO_FILES) <= set(man['cxr64']['files']), f"cxr64 lacks {set(ZOO_FILES) - set(man['cxr64']['files'])}"
+    for entry, e in man.items():
+        assert e['task'] and e['resolution'] and e['files'], f'zoo entry {entry} has no task, resolution or files'
+        for name, f in e['files'].items():
+            ok, why = check_zoo_file(entry, name, man)
+            assert ok, why
+            assert f['command'] and f['quick_command'] and len(f['commit']) == 40, f'{entry}/{name}: command, quick_command or commit missing'
+            load_checkpoint(Path(__file__).resolve().parents[1] / 'spruce_nb' / 'zoo' / entry / name)   # safe loader accepts it
 
 def test_demo_cli_writes_report(tmp_path, capsys):
     from spruce_nb.cli import main
