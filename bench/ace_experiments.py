@@ -89,7 +89,7 @@ def ablation(a):
         m = edit_metrics(img, x, gt['images'], gt['counterfactuals'], gt['masks'])
         return dict(flip=(p > 0.5).float(), confidence=p, l1=(img - x).abs().flatten(1).mean(1) / 2, **m)
     if len(per_steps) > 1:     # the attack's length: flips of the pre-explanation, of its filtered image and of the inpainted counterfactual
-        out['by_steps'] = [dict(steps=st, pre_explanation_flip=_ci(scores(pe_s)['flip']), filtered_flip=_ci((pf > 0.5).float()),
+        out['by_steps'] = [dict(steps=st, pre_explanation_flip=_ci(scores(pe_s)['flip']), filtered_flip=_ci((pf > 0.5).float()),   # the classifier on the filtered last iterate
                                 **{f'inpainted_{k}': _ci(v) for k, v in scores(cf_s).items() if k in ('flip', 'confidence', 'in_mask', 'edit_cos', 'l1')})
                            for st, pe_s, pf, cf_s in per_steps]
         for r in out['by_steps']:

@@ -267,6 +267,8 @@ def pre_explanation(ddpm: DDPM, classifier: nn.Module, x: torch.Tensor, target: 
                     generator: torch.Generator | None = None, show_progress: bool = True,
                     start: torch.Tensor | None = None) -> dict:
     "ACE's step 1: PGD on x [N,3,R,R] in [-1,1] against f∘F_τ towards `target`. Returns pe (the attacked images), probs [K,N,C] and path [K,N,3,R,R] fp16 of the filtered iterates, status. `start`: continue an attack from these images (a previous `pe`), else from x."
+    if start is not None and tuple(start.shape) != tuple(x.shape):
+        raise ValueError(f"start has shape {tuple(start.shape)} but the images {tuple(x.shape)}: pass the `pe` of an attack on these images.")
     x01 = (x.detach() + 1) / 2
     xa = x01.clone() if start is None else ((start.detach().to(x01) + 1) / 2).clamp(0, 1)
     probs, path = [], []
