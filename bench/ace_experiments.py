@@ -75,10 +75,9 @@ def ablation(a):
         _, kp = ace_mask(x, pe, ace.config)
         with torch.no_grad(): cf_s = inpaint(ace.ddpm, x, pe, kp, ace.config, generator=torch.Generator().manual_seed(1))
         per_steps.append((s, pe, pre['probs'][-1][:, target[0]], cf_s))
-    pre = dict(pe=pe)
-    _, keep = ace_mask(x, pre['pe'], ace.config)
+    pre, keep = dict(pe=pe), kp                  # the mask of the longest attack, as computed in the loop
     t0 = time.time()
-    with torch.no_grad(): cf = inpaint(ace.ddpm, x, pre['pe'], keep, ace.config)
+    with torch.no_grad(): cf = inpaint(ace.ddpm, x, pe, keep, ace.config)   # the global generator, as before --steps took several lengths
     t_inp = time.time() - t0
     gt = phantom_counterfactuals(ds.modality, ds.seeds[idx], src, tgt, size=64, markers=ds.markers[idx])
     out = dict(command='python bench/ace_experiments.py ablation ' + ' '.join(sys.argv[2:]), n=len(x), split=a.split, classifier=a.classifier, steps=max(a.steps),

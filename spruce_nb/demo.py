@@ -69,9 +69,9 @@ def ensure_models(entry: str,                 # zoo entry, e.g. 'cxr64'
     zoo_dir = Path(zoo_dir) if zoo_dir else ZOO_DIR
     if entry not in manifest: raise ValueError(f"unknown zoo entry {entry!r}; available: {sorted(manifest) or 'none (no manifest)'}")
     files = manifest[entry]['files']
-    lacking = [n for n in ZOO_FILES if n not in files]
-    if lacking: raise ValueError(f"zoo entry {entry!r} is not complete yet: it has no {lacking} (no file, no recipe); "
-                                 f"complete entries: {sorted(e for e in manifest if all(n in manifest[e]['files'] for n in ZOO_FILES))}.")
+    lacking = {e: [n for n in ZOO_FILES if n not in v['files']] for e, v in manifest.items()}   # files without a record, per entry
+    if lacking[entry]: raise ValueError(f"zoo entry {entry!r} is not complete yet: it has no {lacking[entry]} (no file, no recipe); "
+                                        f"complete entries: {sorted(e for e, l in lacking.items() if not l)}.")
     work = Path(work_dir); models = work / 'models'; models.mkdir(parents=True, exist_ok=True)
     source = {}
     for name, deps in ZOO_FILES.items():
