@@ -42,5 +42,16 @@ def test_doctor_warns_on_an_altered_zoo_file(tmp_path, monkeypatch):
     f = next((zoo / 'cxr64').glob('gmms.pt')); f.write_bytes(f.read_bytes() + b'x')
     orig = demo.check_zoo_file
     monkeypatch.setattr(demo, 'check_zoo_file', lambda e, n, m=None, zoo_dir=None: orig(e, n, m, zoo_dir=zoo))
-    lv = _levels(doctor_report(), 'zoo')
-    assert lv == {'zoo cxr64': 'warning'}
+    rows = doctor_report()
+    lv = _levels(rows, 'zoo')
+    assert lv.pop('zoo cxr64') == 'warning'                                        # the altered file is named, in its entry only
+    assert 'gmms.pt' in next(r for r in rows if r['check'] == 'zoo cxr64')['message']
+    assert set(lv.values()) <= {'ok', 'info'}                                      # the other entries are untouched
+
+def test_doctor_names_what_an_incomplete_zoo_entry_lacks(monkeypatch):
+    import spruce_nb.demo as demo
+    man = demo.zoo_manifest()
+    man['cxr64'] = {**man['cxr64'], 'files': {k: v for k, v in man['cxr64']['files'].items() if k != 'encoder.pt'}}
+    monkeypatch.setattr(demo, 'zoo_manifest', lambda *a, **k: man)
+    row = next(r for r in doctor_report() if r['check'] == 'zoo cxr64')
+    assert row['level'] == 'info' and 'encoder.pt' in row['message']
