@@ -15,9 +15,9 @@ from torch import nn
 
 from .core import (CLICommand, Config, check_images, get_device, progress, save_checkpoint, load_checkpoint, CheckpointError,
                    state_sha256, seed_everything, atomic_write, is_tiny, positive_int)
-from .training import Trainer, EMA, ema_beta
+from .training import Trainer, EMA, ema_beta, torchrun_outputs
 from .counterfactual import Explanation, resolve_targets, register_explainer, warn_unit_range
-from .core import output_files, positive_float, nonneg_float
+from .core import positive_float, nonneg_float
 
 # %% auto #0
 __all__ = ['cli_commands', 'DDPMConfig', 'DDPM', 'ddpm_step', 'make_ddpm_trainer', 'save_ddpm', 'load_ddpm', 'train_ddpm',
@@ -187,7 +187,7 @@ def train_ddpm(dataset, cfg: DDPMConfig | None = None, out_dir=None, resume: boo
     tr.fit(resume=resume)
     ddpm = tr.ema['ddpm'].module.eval()
     ddpm.data = data
-    if out_dir is not None: save_ddpm(ddpm, Path(out_dir) / 'ddpm.pt', data=data, metadata=dict(steps=tr.step), overwrite=True)
+    if out_dir is not None and tr.is_main: save_ddpm(ddpm, Path(out_dir) / 'ddpm.pt', data=data, metadata=dict(steps=tr.step), overwrite=True)
     return ddpm
 
 # %% ../nbs/16_ace.ipynb #c8eb09df
@@ -211,11 +211,12 @@ def _train_ddpm_run(args) -> int:
     if args.n is not None and args.n < cfg.batch_size: raise ValueError(f"--n {args.n}: fewer images than one batch ({cfg.batch_size}).")
     from spruce_nb.data import dataset_from_spec
     out = Path(args.out)
-    with output_files(out, 'train-ddpm', ['ddpm.pt'], resume=args.resume, adopt=(out / 'last.pt').exists(),   # before the data are made
-                      hint='pass --resume to continue that run'):
+    with torchrun_outputs(out, 'train-ddpm', ['ddpm.pt'], resume=args.resume, adopt=(out / 'last.pt').exists(),   # before the data are made
+                          hint='pass --resume to continue that run') as (rank, _):
         ds = dataset_from_spec(args.data, split='train', size=args.res, n=args.n, seed=args.seed)
         t0 = time.time()
         train_ddpm(ds, cfg, args.out, resume=args.resume, data=args.data, device=args.device)
+    if rank > 0: return 0
     print(f"trained {cfg.steps} steps in {time.time() - t0:.0f} s; DDPM: {Path(args.out) / 'ddpm.pt'} (spruce_nb.ace.load_ddpm)")
     return 0
 

@@ -399,7 +399,7 @@ def plot_confusion_matrix(cm, classes: Sequence[str], title: str = 'confusion ma
     return fig
 
 # %% ../nbs/03_classifier.ipynb #ff2e156a
-from .training import Trainer, Callback, EarlyStopping
+from .training import Trainer, Callback, EarlyStopping, torchrun_outputs, rank_world
 
 def dataset_labels(ds) -> torch.Tensor:
     "All labels of a dataset: its `labels`/`targets` attribute if it has one, else by iterating over the items."
@@ -477,8 +477,9 @@ def train_classifier(cfg: ClassifierConfig,        # Architecture + recipe (`tra
     criterion = make_criterion(cfg, weights)
     augment = BatchAugment.from_config(cfg)
     step_fn = make_step(cfg, criterion, augment) if make_step is not None else make_classifier_step(criterion, augment, cfg.num_classes)
-    spe = len(train_ds) // cfg.batch_size
-    if spe == 0: raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size}; lower batch_size.")
+    world = rank_world()[1]                                      # under torchrun a step sees world x batch_size images: an epoch has fewer steps
+    spe = len(train_ds) // (cfg.batch_size * world)
+    if spe == 0: raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size}" + (f" x {world} processes" if world > 1 else '') + "; lower batch_size.")
     total = cfg.epochs * spe if max_steps is None else min(cfg.epochs * spe, int(max_steps))
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_epochs * spe, cfg.epochs * spe)
@@ -555,12 +556,11 @@ def _train_args(p):
 def _train_run(args) -> int:
     recipe = cli_hook(args, 'recipe').get('recipe', ClassifierConfig())   # an extension's recipe (04_trades: --trades-eps), its flags checked before any work
     out = Path(args.out)
-    with OutputDir(out, 'train-classifier') as od:               # locked; its files are claimed before any data are made
-        od.claim(['classifier.pt', 'confusion.png', 'report.json'], resume=args.resume, adopt=(out / 'last.pt').exists(),
-                 hint='pass --resume to continue that run, or delete it')
-        return _train_in(args, out, recipe)
+    with torchrun_outputs(out, 'train-classifier', ['classifier.pt', 'confusion.png', 'report.json'], resume=args.resume,
+                          adopt=(out / 'last.pt').exists(), hint='pass --resume to continue that run, or delete it') as (rank, _):
+        return _train_in(args, out, recipe, rank)    # locked (by rank 0 under torchrun), its files claimed, before any data are made
 
-def _train_in(args, out: Path, base: ClassifierConfig) -> int:
+def _train_in(args, out: Path, base: ClassifierConfig, rank: int = 0) -> int:
     n = dict(train=args.n_train, val=args.n_val, test=args.n_test)
     splits = _data_splits(args.data, args.image_size, n, seed=args.seed)
     classes = _classes_of(splits['train'])
@@ -573,6 +573,7 @@ def _train_in(args, out: Path, base: ClassifierConfig) -> int:
           + (f" with TRADES eps={cfg.trades_eps * 255:g}/255 beta={cfg.trades_beta:g}" if cfg.trades_eps > 0 else ''))
     clf, hist = train_classifier(cfg, splits['train'], splits.get('val'), out, resume=args.resume, init=args.init,
                                  max_steps=args.max_steps, device=args.device, make_step=cli_hook(args, 'make_step').get('make_step'))
+    if rank > 0: return 0                                          # under torchrun rank 0 tests and writes
     meta = dict(data=args.data, n=dict((k, len(v)) for k, v in splits.items()), stop_reason=clf.stop_reason,
                 steps=hist[-1]['step'] if hist else 0, init=args.init)
     if 'val' in splits: meta['val'] = evaluate_classifier(clf, splits['val'])

@@ -18,8 +18,8 @@ from .core import CLICommand, Config, OutputDir, OUTPUT_MARKER, atomic_write, ch
 from .counterfactual import (EXPLAINERS, Explanation, Spruce, explainer_from_args, explanation_options, register_explainer,
                                       resolve_targets, warn_unit_range, _SPRUCE_ONLY)
 from .evaluate import (DEFAULT_DATA, MARKER_TOGGLED, EvaluationConfig, evaluate_counterfactuals, markdown_table, mean_ci,
-                                _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _read_rows, _write_csv,
-                                from_rank0, torchrun_group)
+                                _command_line, _get_oracle, _items, _load_batches, _plain, _protocol_from_args, _protocol_options, _read_rows, _write_csv)
+from .training import from_rank0, torchrun_group
 from . import disc as _disc, ace as _ace     # registers --method disc and --method ace, so `compare` knows every method
 
 # %% auto #0

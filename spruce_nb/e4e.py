@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, save_checkpoint,
                             load_checkpoint, state_sha256, to_unit, atomic_write, positive_int)
-from .core import output_files, positive_float, nonneg_float
+from .core import positive_float, nonneg_float
+from .training import torchrun_outputs, rank_world
 
 # %% auto #0
 __all__ = ['cli_commands', 'E4EConfig', 'stage_at', 'SEModule', 'BottleneckIR', 'EqualLinear', 'GradualStyleBlock',
@@ -343,7 +344,8 @@ def make_encoder_trainer(G: nn.Module, dataset, cfg: E4EConfig | None = None, ou
     opts = {'encoder': torch.optim.Adam(E.parameters(), lr=cfg.lr), 'disc': torch.optim.Adam(D.parameters(), lr=cfg.w_disc_lr)}
     return Trainer({'encoder': E, 'disc': D}, opts, step, dataset, cfg.batch_size, cfg.max_steps, out_dir,
                    config=dict(e4e=cfg.to_dict(), generator_sha256=generator_identity(G)), kind='e4e-training', device=device,
-                   seed=cfg.seed, log_every=log_every, ckpt_every=ckpt_every, callbacks=[_PoolState(step), *callbacks], **trainer_kw)
+                   seed=cfg.seed, log_every=log_every, ckpt_every=ckpt_every, callbacks=[_PoolState(step), *callbacks],
+                   **{'ddp': 'allreduce', **trainer_kw})   # torchrun: the progressive stages leave later offsets without gradients, which DDP's wrapper refuses
 
 def generator_identity(G: nn.Module) -> str:
     "sha256 of G's weights: ties an encoder (and PTI results) to the generator they were made for."
@@ -355,7 +357,7 @@ def train_encoder(G: nn.Module, dataset, cfg: E4EConfig | None = None, out_dir=N
     hist = tr.fit(resume=resume)
     E = tr.unwrap('encoder').eval()
     E.progressive_stage = stage_at(tr.step_fn.schedule, max(tr.step - 1, 0))   # the stage of the last trained step: later Δ_i were never trained
-    if out_dir is not None: save_encoder(E, Path(out_dir) / 'encoder.pt', G=G, metadata=dict(steps=tr.step))
+    if out_dir is not None and tr.is_main: save_encoder(E, Path(out_dir) / 'encoder.pt', G=G, metadata=dict(steps=tr.step))
     return E, hist
 
 # %% ../nbs/07_e4e.ipynb #e5386d2a
@@ -471,7 +473,7 @@ def _train_encoder_args(p):
 
 def _train_encoder_run(args) -> int:
     out = Path(args.out)
-    with output_files(out, 'train-encoder', ['encoder.pt', 'offsets.png'], resume=args.resume, adopt=(out / 'last.pt').exists(),
+    with torchrun_outputs(out, 'train-encoder', ['encoder.pt', 'offsets.png'], resume=args.resume, adopt=(out / 'last.pt').exists(),
                       hint='pass --resume to continue that run', inputs=[p for p in (args.generator, args.init, args.classifier) if p]):
         return _train_encoder_in(args)                                                  # claimed before any work
 
@@ -500,6 +502,7 @@ def _train_encoder_in(args) -> int:
     ds = dataset_from_spec(args.data, split='train', size=G.img_resolution, n=args.n, seed=args.seed)
     E, hist = train_encoder(G, ds, cfg, out_dir=args.out, resume=args.resume, sim_fn=sim_fn, device=args.device, ckpt_every=args.ckpt_every,
                             encoder=init)
+    if rank_world()[0] > 0: return 0                                               # under torchrun rank 0 writes
     ax = plot_offsets(hist)
     with atomic_write(Path(args.out) / 'offsets.png', overwrite=True) as f: ax.figure.savefig(f, format='png', dpi=120)
     print(f"wrote {Path(args.out) / 'encoder.pt'} (stage {E.progressive_stage}, {len(hist)} history records)")

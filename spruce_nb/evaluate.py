@@ -19,14 +19,13 @@ from .core import (CLICommand, Config, atomic_write, OutputDir, get_device, prog
                             file_sha256, image_to_numpy, is_tiny, check_images, positive_int, dump_json)
 from .core import nonneg_int
 import torch.distributed as dist
-from .training import init_distributed, cleanup_distributed, _dist_on
+from .training import init_distributed, cleanup_distributed, _dist_on, SHARD_TIMEOUT_S, rank_world, from_rank0, all_ranks_done, torchrun_group
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'MARKER_TOGGLED', 'REALISM_COLUMNS', 'THESIS_COLUMNS', 'EXTRA_COLUMNS', 'FIELD_COLUMNS',
-           'MARKER_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'SHARD_TIMEOUT_S', 'EvaluationConfig',
-           'select_correctly_classified', 'marker_columns', 'mean_ci', 'summarise', 'markdown_table', 'nearest_real_l1',
-           'plot_evaluation_grid', 'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals',
-           'export_dime_layout', 'tiny_model_dir', 'rank_world', 'from_rank0', 'all_ranks_done', 'torchrun_group']
+           'MARKER_COLUMNS', 'GT_COLUMNS', 'cli_commands', 'EvaluationConfig', 'select_correctly_classified',
+           'marker_columns', 'mean_ci', 'summarise', 'markdown_table', 'nearest_real_l1', 'plot_evaluation_grid',
+           'EvaluationResult', 'realism_extractors', 'evaluate_counterfactuals', 'export_dime_layout', 'tiny_model_dir']
 
 # %% ../nbs/11a_evaluate.ipynb #062aced0
 DEFAULT_DATA = 'phantoms:cxr:cardiomegaly-vs-normal'  # the embedded default task
@@ -762,48 +761,3 @@ def _evaluate_run(args) -> int:
 
 cli_commands = [CLICommand('evaluate', 'evaluate SPRUCE counterfactuals on N correctly classified held-out images (FID/KID, MMD-EffNet, flip, L1, confidence, LPIPS, ground truth); resumable',
                            _evaluate_args, _evaluate_run)]
-
-# %% ../nbs/11a_evaluate.ipynb #5a1f2057
-SHARD_TIMEOUT_S = 24 * 3600   # how long a rank waits for the others (its share of batches, rank 0's merge)
-
-def rank_world() -> tuple[int, int]:
-    "(rank, world size) of the process group this process joined (`training.init_distributed`), (0, 1) when none."
-    return (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
-
-def from_rank0(fn: Callable, *args):
-    "Collective: run `fn(*args)` on rank 0 only and return its result on every rank; an error there is raised on every rank."
-    rank, world = rank_world()
-    res, err = None, None
-    if rank == 0:
-        try: res = fn(*args)
-        except Exception as e: err = e
-    if world > 1:
-        box = [(res if err is None else None, None if err is None else f'{type(err).__name__}: {err}')]
-        dist.broadcast_object_list(box, src=0)
-        if rank > 0:
-            res, msg = box[0]
-            if msg: raise RuntimeError(f"rank 0 stopped the run: {msg}")
-    if err is not None: raise err
-    return res
-
-def all_ranks_done(done: list, err: Exception | None, what: str = 'run') -> list:
-    "Collective: every rank's `done` items, sorted (with one process: `done`); if any rank failed, every rank raises."
-    rank, world = rank_world()
-    if world == 1:
-        if err is not None: raise err
-        return list(done)
-    got = [None] * world
-    dist.all_gather_object(got, (list(done), None if err is None else f'{type(err).__name__}: {err}'))
-    if err is not None: raise err
-    bad = [(r, m) for r, (_, m) in enumerate(got) if m]
-    if bad: raise RuntimeError(f"{what}: rank {bad[0][0]} failed ({bad[0][1]}); what the ranks finished is kept: run the same command again to continue.")
-    return sorted(x for d, _ in got for x in d)
-
-@contextlib.contextmanager
-def torchrun_group():
-    "Join the process group `torchrun` describes for one command (a no-op without torchrun); leave it at the end if this call joined it."
-    joined = not (dist.is_available() and dist.is_initialized())
-    init_distributed(timeout_s=SHARD_TIMEOUT_S)
-    try: yield rank_world()
-    finally:
-        if joined: cleanup_distributed()

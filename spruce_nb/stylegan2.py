@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from .core import (Config, CLICommand, check_images, get_device, seed_everything, is_tiny, atomic_write,
                             save_checkpoint, load_checkpoint, progress, save_image, show_images, positive_float, positive_int, dump_json)
-from .core import output_files, nonneg_int, nonneg_float, cli_hook
+from .core import nonneg_int, nonneg_float, cli_hook
+from .training import torchrun_outputs
 
 # %% auto #0
 __all__ = ['CONFIGS', 'cli_commands', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample2d', 'conv2d_resample', 'bias_act',
@@ -901,7 +902,7 @@ def _train_gan(args) -> int:
     try: from spruce_nb.data import dataset_from_spec
     except ImportError as e: raise RuntimeError(f"spruce train-gan needs spruce_nb.data ({e}).") from None
     out = Path(args.out)
-    with output_files(out, 'train-gan', ['config.json', 'G_ema.pt', 'reals.png', 'fakes_latest.png', 'ada_history.json'], resume=args.resume,
+    with torchrun_outputs(out, 'train-gan', ['config.json', 'G_ema.pt', 'reals.png', 'fakes_latest.png', 'ada_history.json'], resume=args.resume,
                       adopt=(out / 'last.pt').exists(), hint='pass --resume to continue that run',
                       inputs=cli_hook(args, 'inputs').get('inputs', ())):   # before the data are made (06_ada: --resume-from)
         return _train_gan_in(args, dataset_from_spec)
@@ -915,6 +916,7 @@ def _train_gan_in(args, dataset_from_spec) -> int:
     nets = cli_hook(args, 'trainer_kwargs', cfg=cfg)   # 06_ada: --ada, --resume-from, --freezed (augment_pipe, callbacks, G, D)
     tr = train_stylegan2(cfg, ds, args.out, kimg=args.kimg, resume=args.resume, snap_kimg=args.snap,
                          metric_kimg=args.metric_kimg, seed=args.seed, device=args.device, **nets)
+    if not tr.is_main: return 0                            # under torchrun rank 0 reports and writes
     last = tr.history[-1] if tr.history else {}
     print(f"trained {tr.state.get('cur_nimg', 0) / 1000:.1f} kimg in {time.time() - t0:.0f} s; last: "
           + ', '.join(f'{k}={v:.4g}' for k, v in last.items() if isinstance(v, float)))

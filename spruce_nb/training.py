@@ -16,12 +16,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .core import (get_device, seed_everything, save_checkpoint, load_checkpoint, CheckpointError,
-                            atomic_write, progress, is_tiny, _json_default, OutputDir, dump_json)
+                            atomic_write, progress, is_tiny, _json_default, OutputDir, dump_json, output_files)
 
 # %% auto #0
-__all__ = ['unwrap_module', 'EMA', 'ema_beta', 'resolve_amp', 'get_rng_state', 'set_rng_state', 'epoch_batches', 'config_diff',
-           'CancelFit', 'Callback', 'EarlyStopping', 'write_history', 'plot_history', 'init_distributed',
-           'cleanup_distributed', 'Trainer']
+__all__ = ['SHARD_TIMEOUT_S', 'unwrap_module', 'EMA', 'ema_beta', 'resolve_amp', 'get_rng_state', 'set_rng_state',
+           'epoch_batches', 'config_diff', 'CancelFit', 'Callback', 'EarlyStopping', 'write_history', 'plot_history',
+           'init_distributed', 'cleanup_distributed', 'rank_world', 'from_rank0', 'all_ranks_done', 'torchrun_group',
+           'torchrun_outputs', 'Trainer']
 
 # %% ../nbs/01_training.ipynb #fb505045
 def unwrap_module(m: nn.Module) -> nn.Module:
@@ -247,6 +248,64 @@ _DDP_DEFAULTS = (dict(forward_sync_buffers=False) if 'forward_sync_buffers' in _
                  else dict(broadcast_buffers=False))
 
 def _dist_on() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+# %% ../nbs/01_training.ipynb #ca5167ba
+SHARD_TIMEOUT_S = 24 * 3600   # how long a rank waits for the others (its share of batches, rank 0's merge)
+
+def rank_world() -> tuple[int, int]:
+    "(rank, world size) of the process group this process joined (`training.init_distributed`), (0, 1) when none."
+    return (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+
+def from_rank0(fn: Callable, *args):
+    "Collective: run `fn(*args)` on rank 0 only and return its result on every rank; an error there is raised on every rank."
+    rank, world = rank_world()
+    res, err = None, None
+    if rank == 0:
+        try: res = fn(*args)
+        except Exception as e: err = e
+    if world > 1:
+        box = [(res if err is None else None, None if err is None else f'{type(err).__name__}: {err}')]
+        dist.broadcast_object_list(box, src=0)
+        if rank > 0:
+            res, msg = box[0]
+            if msg: raise RuntimeError(f"rank 0 stopped the run: {msg}")
+    if err is not None: raise err
+    return res
+
+def all_ranks_done(done: list, err: Exception | None, what: str = 'run') -> list:
+    "Collective: every rank's `done` items, sorted (with one process: `done`); if any rank failed, every rank raises."
+    rank, world = rank_world()
+    if world == 1:
+        if err is not None: raise err
+        return list(done)
+    got = [None] * world
+    dist.all_gather_object(got, (list(done), None if err is None else f'{type(err).__name__}: {err}'))
+    if err is not None: raise err
+    bad = [(r, m) for r, (_, m) in enumerate(got) if m]
+    if bad: raise RuntimeError(f"{what}: rank {bad[0][0]} failed ({bad[0][1]}); what the ranks finished is kept: run the same command again to continue.")
+    return sorted(x for d, _ in got for x in d)
+
+@contextlib.contextmanager
+def torchrun_group():
+    "Join the process group `torchrun` describes for one command (a no-op without torchrun); leave it at the end if this call joined it."
+    joined = not (dist.is_available() and dist.is_initialized())
+    init_distributed(timeout_s=SHARD_TIMEOUT_S)
+    try: yield rank_world()
+    finally:
+        if joined: cleanup_distributed()
+
+@contextlib.contextmanager
+def torchrun_outputs(out: str | Path,      # the command's --out directory
+                     command: str,          # the command writing there, e.g. 'train-gan'
+                     names: Iterable[str],  # the files it will write there (as `core.output_files`)
+                     overwrite: bool = False,
+                     **claim_kw,            # resume, adopt, hint, inputs: as `core.OutputDir.claim`
+                    ):
+    "`core.output_files` for a command that may run under torchrun: joins the group (a no-op without), rank 0 alone locks `out` and claims `names` before any work, an error there stops every rank; yields (rank, world). Only rank 0 writes."
+    with torchrun_group() as (rank, world), contextlib.ExitStack() as held:
+        from_rank0(lambda: held.enter_context(output_files(out, command, names, overwrite, **claim_kw)) and None)
+        yield rank, world
+
 
 # %% ../nbs/01_training.ipynb #581b36dc
 def _to_device(x, device, non_blocking=False):

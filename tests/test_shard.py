@@ -65,3 +65,34 @@ def test_two_processes_equal_one(models):
     r = _spruce(_args('evaluate', md, root, b) + ['--seed', '1'], 2, ok=False)
     assert 'different settings' in r.stderr and 'rank 0 stopped the run' in r.stderr
     assert _ranks(b) == {0: 0, 1: 0, 2: 0}
+
+# ---------------------------------------------------------------- the trainers' commands under torchrun
+def _world_size(run: Path) -> int:
+    from spruce_nb.core import load_checkpoint
+    return load_checkpoint(run / 'last.pt').metadata['engine']['world_size']
+
+@pytest.mark.timeout(900)
+def test_trainers_run_under_torchrun(models):
+    "Every training command under torchrun: one run of 2 processes (DDP), rank 0 alone locks and claims --out and writes; a refusal stops both ranks."
+    root, md = models
+    runs = {'train-classifier': (['train-classifier', '--data', 'phantoms:cxr', '--image-size', '32', '--n-train', '32', '--n-val', '16',
+                                  '--n-test', '16', '--epochs', '1', '--batch-size', '8'], 'classifier.pt', 'wrote '),
+            'train-gan': (['train-gan', '--data', 'phantoms:cxr', '--n', '16', '--res', '32', '--config', 'tiny', '--batch', '4',
+                           '--kimg', '0.008', '--metric-kimg', '0'], 'G_ema.pt', 'trained '),
+            'train-encoder': (['train-encoder', '--generator', str(md / 'generator.pt'), '--data', 'phantoms:cxr', '--n', '16', '--steps', '2',
+                               '--batch-size', '4', '--widths', '8', '16', '16', '32', '--units', '1', '1', '1', '1', '--fpn-channels', '16',
+                               '--lambda-sim', '0'], 'encoder.pt', 'wrote '),
+            'train-ddpm': (['train-ddpm', '--data', 'phantoms:cxr', '--n', '16', '--res', '32', '--steps', '2', '--batch-size', '4',
+                            '--widths', '8', '16', '16', '16'], 'ddpm.pt', 'trained ')}
+    for cmd, (argv, made, said) in runs.items():
+        out = root / f'torchrun_{cmd}'
+        r = _spruce(argv + ['--out', str(out)], 2)
+        assert (out / made).exists() and _world_size(out) == 2, cmd                   # one DDP run of two processes
+        rec = json.loads((out / '.spruce-outputs.json').read_text())['files']
+        assert rec[made]['command'] == cmd and not (out / '.spruce-outputs.lock').exists(), cmd
+        assert r.stdout.count(said) == 1, (cmd, r.stdout)                             # rank 0 alone reports
+    out = root / 'torchrun_train-classifier'
+    before = (out / 'classifier.pt').read_bytes()
+    r = _spruce(runs['train-classifier'][0] + ['--out', str(out)], 2, ok=False)      # an earlier run, no --resume: refused on every rank
+    assert 'pass --resume' in r.stderr and 'rank 0 stopped the run' in r.stderr
+    assert (out / 'classifier.pt').read_bytes() == before
