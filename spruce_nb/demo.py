@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_demo.ipynb #f2974204
 from __future__ import annotations
-import os, sys, json, time, shlex, shutil, platform
+import os, sys, json, time, shlex, shutil, platform, argparse
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -16,8 +16,8 @@ from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everyt
 from .core import positive_int, nonneg_int, nonneg_float, add_command
 
 # %% auto #0
-__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'cli_commands', 'zoo_manifest', 'check_zoo_file', 'ensure_models',
-           'DemoConfig', 'run_demo']
+__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'cli_commands', 'zoo_manifest', 'check_zoo_file',
+           'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #f996555f
 ZOO_DIR = Path(spruce_nb.__file__).resolve().parent / 'zoo'   # package data: spruce_nb/zoo/
@@ -93,7 +93,8 @@ def ensure_models(entry: str,                 # zoo entry, e.g. 'cxr64'
 @dataclass
 class DemoConfig:
     "Settings of `spruce demo` (small by default: the point is to see the method work in minutes)."
-    entry: str = 'cxr64'           # zoo entry
+    task: str = 'cardiomegaly-vs-normal' # a phantom task (`data.PHANTOM_TASKS`) with a zoo entry: its first class is the healthy target
+    entry: str | None = None       # zoo entry (default: the entry of `task`)
     n: int = 4                     # images to explain
     steps: int = 60                # T, counterfactual optimisation steps (λ_image = 1e-3 slows the crossing: 30 steps flip only half)
     pti_steps: int = 100           # PTI steps (reference: 350 with an LPIPS-Alex ≤ 0.07 early stop)
@@ -104,10 +105,26 @@ class DemoConfig:
                                    # pixel term ~10⁴× weaker than the feature term on the zoo's models; 1e-3 keeps the edit small and on the heart (10_counterfactual)
     seed: int = 0
 
-def _pick_images(clfs, n, size, seed, classes):
+DEMO_VARIABLES = {'ctr': ('CTR', 'cardiothoracic ratio', 'normal < 0.5'),   # causal variable -> (short name, what it is, the healthy range)
+                  'opacity': ('opacity', 'opacity severity', 'none = 0')}
+
+def demo_task(task: str, manifest: dict | None = None) -> dict:
+    "The demo's plan for a phantom task: zoo entry, modality, source class → healthy target, and the causal variable the oracle reads."
+    from spruce_nb.data import PHANTOM_TASKS
+    from spruce_nb.metrics import target_variables
+    man = zoo_manifest() if manifest is None else manifest
+    entries = {v.get('task'): e for e, v in man.items()}
+    have = sorted(t.split(':')[-1] for t in entries if t)
+    if task not in PHANTOM_TASKS or len(PHANTOM_TASKS[task][1]) != 2 or f'phantoms:{PHANTOM_TASKS[task][0]}:{task}' not in entries:
+        raise ValueError(f"--task {task!r}: the demo runs a two-class phantom task with a zoo entry; the zoo has {have}.")
+    modality, (tgt, src) = PHANTOM_TASKS[task]                       # label 0 is the healthy class: the demo's target
+    var = target_variables(modality, src, tgt)[0]
+    return dict(entry=entries[f'phantoms:{modality}:{task}'], modality=modality, source=src, target=tgt, variable=var)
+
+def _pick_images(clfs, n, size, seed, classes, modality='cxr', source='cardiomegaly', target='normal'):
     from spruce_nb.data import PhantomDataset
-    src, tgt = classes.index('cardiomegaly'), classes.index('normal')
-    ds = PhantomDataset('cxr', n=max(8 * n, 64), size=size, seed=seed, classes=classes, split='test')
+    src, tgt = classes.index(source), classes.index(target)
+    ds = PhantomDataset(modality, n=max(8 * n, 64), size=size, seed=seed, classes=classes, split='test')
     idx = [i for i in range(len(ds)) if ds.labels[i] == src]
     x = torch.stack([ds[i][0] for i in idx])
     ok = torch.ones(len(idx), dtype=torch.bool)
@@ -117,17 +134,17 @@ def _pick_images(clfs, n, size, seed, classes):
     if len(keep) < n: print(f'demo: only {len(keep)} of {n} requested test images are classified correctly by both classifiers')
     return ds, keep, src, tgt
 
-def _scores(ex, ds, keep, tgt_name, oracle):
+def _scores(ex, ds, keep, tgt_name, oracle, var='ctr'):
     from spruce_nb.metrics import edit_metrics, l1_per_pixel, dilate_mask
     gt = [ds.ground_truth(i, tgt_name) for i in keep]
     x_f = torch.stack([g['image'] if 'image' in g else ds[i][0] for g, i in zip(gt, keep)])
     x_cf = torch.stack([g['counterfactual'] for g in gt]); mask = torch.stack([g['mask'] for g in gt])
     em = edit_metrics(ex.counterfactual, ex.reconstruction, x_f, x_cf, mask)
-    k = oracle.causal_names.index('ctr'); ctr = lambda x: oracle.predict(x)[:, k]
+    k = oracle.causal_names.index(var); read = lambda x: oracle.predict(x)[:, k]
     row = dict(flip_ratio=float(ex.flipped.float().mean()), l1=float(l1_per_pixel(ex.original, ex.counterfactual).mean()),
                confidence=float(ex.confidence.mean()), edit_in_mask=float(em['in_mask'].mean()), edit_cos=float(em['edit_cos'].mean()),
-               edit_err=float(em['edit_err'].mean()), mask_area=float(dilate_mask(mask, 2).float().mean()), ctr_before=float(ctr(ex.original).mean()), ctr_after=float(ctr(ex.counterfactual).mean()),
-               ctr_true_cf=float(ctr(x_cf).mean()))
+               edit_err=float(em['edit_err'].mean()), mask_area=float(dilate_mask(mask, 2).float().mean()), var_before=float(read(ex.original).mean()), var_after=float(read(ex.counterfactual).mean()),
+               var_true_cf=float(read(x_cf).mean()))
     return row, mask
 
 def _report_figure(exs: dict, ds, keep, masks, tgt_name, n_show=4):
@@ -143,7 +160,7 @@ def _report_figure(exs: dict, ds, keep, masks, tgt_name, n_show=4):
         panels = [(first.original[r], 'original', None)]
         for nm in names:
             ex = exs[nm]
-            panels += [(ex.counterfactual[r], f'{nm}: p(normal)={float(ex.confidence[r]):.2f}', None),
+            panels += [(ex.counterfactual[r], f'{nm}: p({tgt_name})={float(ex.confidence[r]):.2f}', None),
                        (ex.edit[r].abs().mean(0), f'{nm}: |edit|', masks[nm][r])]
         panels += [(gt['counterfactual'], 'true counterfactual', None)]
         for c, (im, title, m) in enumerate(panels):
@@ -158,7 +175,7 @@ def _report_figure(exs: dict, ds, keep, masks, tgt_name, n_show=4):
         ex = exs[nm]; t = ex.target
         p = ex.probs[:, torch.arange(len(ex)), t]
         for i in range(p.shape[1]): ax.plot(p[:, i].numpy(), c=f'C{k}', alpha=0.5, lw=0.8, label=nm if i == 0 else None)
-    ax.axhline(0.5, c='k', lw=0.5, ls='--'); ax.set(xlabel='optimisation step', ylabel='p(normal)', ylim=(0, 1)); ax.legend(fontsize=7)
+    ax.axhline(0.5, c='k', lw=0.5, ls='--'); ax.set(xlabel='optimisation step', ylabel=f'p({tgt_name})', ylim=(0, 1)); ax.legend(fontsize=7)
     ax.set_title('trajectories: semifactuals below the dashed line, counterfactuals above', fontsize=8)
     fig.tight_layout()
     return fig
@@ -184,9 +201,11 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
     from spruce_nb.data import fit_oracle
     from spruce_nb.perceptual import lpips_info
     t0 = time.time(); seed_everything(cfg.seed)
-    print(f'spruce demo: SPRUCE counterfactuals on 64-px chest phantoms (cardiomegaly → normal); output in {out}/', flush=True)
-    print('[1/5] models', flush=True)
-    models, source = ensure_models(cfg.entry, out, manifest=manifest, zoo_dir=zoo_dir, force_retrain=force_retrain)
+    plan = demo_task(cfg.task, manifest)
+    entry = cfg.entry or plan['entry']
+    print(f"spruce demo: SPRUCE counterfactuals on 64-px {plan['modality']} phantoms ({plan['source']} → {plan['target']}); output in {out}/", flush=True)
+    print(f'[1/5] models (zoo entry {entry})', flush=True)
+    models, source = ensure_models(entry, out, manifest=manifest, zoo_dir=zoo_dir, force_retrain=force_retrain)
     for k, v in source.items(): print(f'  {k:24s} {v}')
     dev = get_device(device)
     from spruce_nb.pti import PTIConfig
@@ -197,25 +216,26 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
                                              config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg)}
     first = next(iter(sps.values()))
     classes = first.classes
-    print('[2/5] data: held-out test phantoms with cardiomegaly, correctly classified by both classifiers', flush=True)
-    ds, keep, src, tgt = _pick_images([s.classifier for s in sps.values()], cfg.n, first.resolution, cfg.seed + 1, classes)
+    print(f"[2/5] data: held-out test phantoms with {plan['source']}, correctly classified by both classifiers", flush=True)
+    ds, keep, src, tgt = _pick_images([s.classifier for s in sps.values()], cfg.n, first.resolution, cfg.seed + 1, classes,
+                                      plan['modality'], plan['source'], plan['target'])
     if not keep: raise RuntimeError('no test image is classified correctly by both classifiers: the models are broken; retrain with --retrain.')
     x = torch.stack([ds[i][0] for i in keep])
     print(f'[3/5] inversion (e4e{" + PTI" if cfg.use_pti else ""}) of {len(keep)} images', flush=True)
     inv = first.invert(x)
     print(f'[4/5] counterfactuals ({cfg.steps} steps) for each classifier', flush=True)
-    exs = {nm: sp.explain(x, target='normal', inversion=inv) for nm, sp in sps.items()}
+    exs = {nm: sp.explain(x, target=plan['target'], inversion=inv) for nm, sp in sps.items()}
     print('[5/5] scores and report', flush=True)
-    oracle = fit_oracle('cxr', n=600, size=first.resolution, n_test=200)
+    oracle = fit_oracle(plan['modality'], n=600, size=first.resolution, n_test=200)
     rows, masks = {}, {}
-    for nm, ex in exs.items(): rows[nm], masks[nm] = _scores(ex, ds, keep, 'normal', oracle)
+    for nm, ex in exs.items(): rows[nm], masks[nm] = _scores(ex, ds, keep, plan['target'], oracle, plan['variable'])
     out.mkdir(parents=True, exist_ok=True)
-    fig = _report_figure(exs, ds, keep, masks, 'normal')
+    fig = _report_figure(exs, ds, keep, masks, plan['target'])
     with atomic_write(out / 'report.png', overwrite=True) as f: fig.savefig(f, format='png', dpi=110)
     info = dict(spruce_nb=__version__, torch=torch.__version__, python=platform.python_version(), device=str(dev),
                 models={k: v for k, v in source.items()}, n_images=len(keep), config=dict(cfg.__dict__),
                 counterfactual_config=first.config.to_dict(), lpips=lpips_info(cfg.lpips_net),
-                oracle_ctr_mae=float(oracle.error.get('ctr', float('nan'))) if isinstance(oracle.error, dict) else None,
+                task=dict(plan, entry=entry), oracle_mae=float(oracle.error.get(plan['variable'], float('nan'))) if isinstance(oracle.error, dict) else None,
                 results=rows, seconds=round(time.time() - t0, 1))
     with atomic_write(out / 'report.json', overwrite=True, mode='w') as f: dump_json(info, f, indent=1, default=str)
     md = _report_markdown(rows, info)
@@ -225,18 +245,19 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
     return out / 'report.md'
 
 def _report_markdown(rows: dict, info: dict) -> str:
-    cols = [('flip_ratio', 'flip ratio ↑', '{:.0%}'), ('confidence', 'p(normal) ↑', '{:.3f}'), ('l1', 'L1 ↓', '{:.4f}'),
+    t = info['task']; short, what, healthy = DEMO_VARIABLES.get(t['variable'], (t['variable'],) * 2 + ('',))
+    cols = [('flip_ratio', 'flip ratio ↑', '{:.0%}'), ('confidence', f"p({t['target']}) ↑", '{:.3f}'), ('l1', 'L1 ↓', '{:.4f}'),
             ('edit_in_mask', 'edit in causal region ↑', '{:.2f}'), ('mask_area', 'region share of image', '{:.3f}'), ('edit_cos', 'edit cosine vs truth ↑', '{:.2f}'),
-            ('ctr_before', 'CTR before', '{:.3f}'), ('ctr_after', 'CTR after', '{:.3f}'), ('ctr_true_cf', 'CTR of true CF', '{:.3f}')]
+            ('var_before', f'{short} before', '{:.3f}'), ('var_after', f'{short} after', '{:.3f}'), ('var_true_cf', f'{short} of true CF', '{:.3f}')]
     lines = ['# spruce demo report', '',
-             f"SPRUCE counterfactuals (cardiomegaly → normal) for {info['n_images']} held-out 64-px chest phantoms, "
+             f"SPRUCE counterfactuals ({t['source']} → {t['target']}) for {info['n_images']} held-out 64-px {t['modality']} phantoms, "
              f"spruce_nb {info['spruce_nb']}, torch {info['torch']}, {info['device']}, {info['seconds']} s.", '',
              '| classifier | ' + ' | '.join(c[1] for c in cols) + ' |', '|---|' + '---|' * len(cols)]
     for nm, r in rows.items(): lines.append(f'| {nm} | ' + ' | '.join(fmt.format(r[k]) for k, _, fmt in cols) + ' |')
     lines += ['', '![counterfactuals, edits and trajectories](report.png)', '',
               '*edit in causal region*: fraction of the low-passed edit energy (counterfactual − reconstruction) inside the dilated true causal region (an edit spread evenly over the image would score the *region share of image*); '
-              '*edit cosine*: agreement of the edit with the true edit (phantom rendered with a normal heart, same patient and noise); '
-              f"*CTR*: cardiothoracic ratio read by the phantom oracle (held-out MAE {info.get('oracle_ctr_mae') or float('nan'):.3f}); normal < 0.5.", '',
+              f"*edit cosine*: agreement of the edit with the true edit (the same phantom rendered {t['target']}, same patient and noise); "
+              f"*{short}*: {what} read by the phantom oracle (held-out MAE {info.get('oracle_mae') or float('nan'):.3f}); {healthy}.", '',
               'Models: ' + ', '.join(f'{k}: {v}' for k, v in info['models'].items()) + '.',
               f"λ_image = {info['config']['lambda_image']:g} at the 256-px reference (the thesis' 1e-6 leaves the pixel term negligible on these models; "
               f"see 10_counterfactual), the thesis' λ_perc and λ_latent, T = {info['config']['steps']}, PTI {'on' if info['config']['use_pti'] else 'off'}.",
@@ -244,8 +265,14 @@ def _report_markdown(rows: dict, info: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/13_demo.ipynb #22fe8fc9
+def _demo_tasks() -> list:
+    "The tasks `spruce demo --task` offers: the phantom tasks of the zoo's entries."
+    try: return sorted(v['task'].split(':')[-1] for v in zoo_manifest().values() if v.get('task'))
+    except (OSError, ValueError): return [DemoConfig.task]
+
 def _demo_args(p):
-    p.add_argument('--modality', default='cxr', choices=['cxr'], help='phantom modality (the zoo has chest X-ray models)')
+    p.add_argument('--task', default=DemoConfig.task, help=f'a phantom task with a zoo entry (default {DemoConfig.task}): ' + ', '.join(_demo_tasks()))
+    p.add_argument('--modality', default='cxr', choices=['cxr'], help=argparse.SUPPRESS)   # kept for old scripts: the task names its modality
     p.add_argument('--out', default='demo_out', help='report directory (default demo_out/)')
     p.add_argument('--n', type=positive_int, default=DemoConfig.n, help='images to explain')
     p.add_argument('--steps', type=positive_int, default=DemoConfig.steps, help='counterfactual optimisation steps T')
@@ -258,7 +285,8 @@ def _demo_args(p):
     p.add_argument('--device', default=None)
 
 def _demo_run(args) -> int:
-    cfg = DemoConfig(entry=f'{args.modality}64', n=args.n, steps=args.steps, pti_steps=args.pti_steps, use_pti=not args.no_pti, lpips_net=args.lpips_net,
+    demo_task(args.task)                              # an unknown task or one without a zoo entry: refused before any work
+    cfg = DemoConfig(task=args.task, n=args.n, steps=args.steps, pti_steps=args.pti_steps, use_pti=not args.no_pti, lpips_net=args.lpips_net,
                      lambda_image=args.lambda_image)
     run_demo(args.out, cfg, overwrite=args.overwrite, force_retrain=args.retrain, device=args.device)
     return 0

@@ -36,6 +36,31 @@ def test_demo_cli_writes_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'report.json' in err and 'not made by spruce' in err
 
+def _tasks():
+    return sorted(v['task'].split(':')[-1] for v in zoo_manifest().values())
+
+@pytest.mark.parametrize('task', _tasks())
+def test_demo_runs_every_task_of_the_zoo(task, tmp_path, capsys):
+    "`spruce demo --task T` for every task of the zoo: source → healthy target, the task's causal variable read by the oracle; an entry still being built is refused, naming what it lacks."
+    from spruce_nb.cli import main
+    from spruce_nb.demo import demo_task
+    plan, out = demo_task(task), tmp_path / 'demo'
+    lacking = [n for n in ZOO_FILES if n not in zoo_manifest()[plan['entry']]['files']]
+    rc = main(['demo', '--task', task, '--out', str(out), '--n', '2', '--steps', '4', '--pti-steps', '3'])
+    if lacking:
+        assert rc == 2 and 'not complete yet' in capsys.readouterr().err and not out.exists()
+        return
+    assert rc == 0
+    rep = json.loads((out / 'report.json').read_text())
+    assert rep['task']['entry'] == plan['entry'] and rep['task']['variable'] == plan['variable']
+    assert f"{plan['source']} → {plan['target']}" in (out / 'report.md').read_text()
+    assert all('var_after' in r and 0 <= r['flip_ratio'] <= 1 for r in rep['results'].values())
+
+def test_demo_refuses_a_task_without_a_zoo_entry(tmp_path, capsys):
+    from spruce_nb.cli import main
+    assert main(['demo', '--task', 'oct-4class', '--out', str(tmp_path / 'd')]) == 2
+    assert 'cardiomegaly-vs-normal' in capsys.readouterr().err and not (tmp_path / 'd').exists()
+
 def test_corrupt_zoo_file_is_rebuilt_with_its_dependents_only(tmp_path):
     import shutil
     from spruce_nb.demo import ZOO_DIR
