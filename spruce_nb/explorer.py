@@ -298,7 +298,8 @@ def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, 
             lpips_net: str = 'alex',                # LPIPS trunk of the objective (thesis: 'vgg')
             classifier: str = 'classifier.pt',      # classifier file in the model directory (e.g. 'classifier_trades8.pt')
             gmms: str = 'gmms.pt',                  # its feature GMMs (e.g. 'gmms_trades8.pt')
-            entry: str = 'cxr64',                   # zoo entry when `model_dir` is None
+            task: str = 'cardiomegaly-vs-normal',   # phantom task when `model_dir` is None: its zoo entry and its held-out phantoms
+            entry: str | None = None,               # zoo entry when `model_dir` is None (default: the entry of `task`)
             work_dir: str | Path | None = None,     # where retrained zoo files go if the zoo is incomplete
             device=None,
            ) -> Explorer:
@@ -306,8 +307,11 @@ def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, 
     from spruce_nb.counterfactual import Spruce, CounterfactualConfig
     from spruce_nb.pti import PTIConfig
     tiny = is_tiny()
+    modality = 'cxr'
     if model_dir is None:
-        from spruce_nb.demo import ZOO_DIR, check_zoo_file, ensure_models
+        from spruce_nb.demo import ZOO_DIR, check_zoo_file, ensure_models, demo_task
+        plan = demo_task(task)                                       # an unknown task, or one without a zoo entry: refused here
+        entry, modality = entry or plan['entry'], plan['modality']
         bad = [why for f in (classifier, 'generator.pt', 'encoder.pt', gmms) for ok, why in [check_zoo_file(entry, f)] if not ok]
         if not bad: model_dir = ZOO_DIR / entry
         else:
@@ -319,5 +323,5 @@ def explore(model_dir: str | Path | None = None, # classifier.pt, generator.pt, 
     sp = Spruce.from_dir(model_dir, device=device, classifier=classifier, gmms=gmms, use_pti=use_pti, pti_config=pti_cfg,
                          config=CounterfactualConfig(steps=steps, lpips_net=lpips_net))
     if images is None:
-        images, _, names = held_out_phantoms(n_images, size=sp.resolution, classes=sp.classes)
+        images, _, names = held_out_phantoms(n_images, modality=modality, size=sp.resolution, classes=sp.classes)
     return Explorer(sp, images, names=names, steps=steps)
