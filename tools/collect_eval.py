@@ -31,7 +31,8 @@ def per_image_stats(rows: list, columns=COLUMNS) -> dict:
 def collect(run: Path) -> dict:
     rep = json.loads((run / 'report.json').read_text())
     rows = list(csv.DictReader(open(run / 'per_image.csv')))
-    stats = per_image_stats(rows)
+    causal = [k for k in (rows[0] if rows else {}) if k.startswith(('oracle_d_', 'true_d_')) and k not in COLUMNS]   # the task's causal variables (opacity, ...)
+    stats = per_image_stats(rows, COLUMNS + causal)
     fp = rep['fingerprint']
     return dict(label=fp['label'], command=rep['command'], n=rep['n_evaluated'], extractor=rep['extractor'],
                 lpips_trunk=rep['lpips']['trunk'], use_pti=fp['use_pti'], counterfactual=fp['counterfactual'],
