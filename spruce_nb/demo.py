@@ -16,8 +16,8 @@ from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everyt
 from .core import positive_int, nonneg_int, nonneg_float, add_command
 
 # %% auto #0
-__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'cli_commands', 'zoo_manifest', 'check_zoo_file',
-           'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
+__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'DEMO_SOURCES', 'cli_commands', 'zoo_manifest',
+           'check_zoo_file', 'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #f996555f
 ZOO_DIR = Path(spruce_nb.__file__).resolve().parent / 'zoo'   # package data: spruce_nb/zoo/
@@ -106,7 +106,10 @@ class DemoConfig:
     seed: int = 0
 
 DEMO_VARIABLES = {'ctr': ('CTR', 'cardiothoracic ratio', 'normal < 0.5'),   # causal variable -> (short name, what it is, the healthy range)
-                  'opacity': ('opacity', 'opacity severity', 'none = 0')}
+                  'opacity': ('opacity', 'opacity severity', 'none = 0'),
+                  'drusen_um': ('drusen µm', 'largest RPE elevation by drusen (µm)', 'none = 0'),
+                  'atrophy': ('atrophy', 'atrophy index a', 'lower is healthier')}
+DEMO_SOURCES = {'oct': 'drusen', 'mri': 'moderate', 'mri-anatomy': 'moderate'}   # multi-class tasks: the thesis' sources (§6.5: drusen, moderate dementia)
 
 def demo_task(task: str, manifest: dict | None = None) -> dict:
     "The demo's plan for a phantom task: zoo entry, modality, source class → healthy target, and the causal variable the oracle reads."
@@ -115,9 +118,10 @@ def demo_task(task: str, manifest: dict | None = None) -> dict:
     man = zoo_manifest() if manifest is None else manifest
     entries = {v.get('task'): e for e, v in man.items()}
     have = sorted(t.split(':')[-1] for t in entries if t)
-    if task not in PHANTOM_TASKS or len(PHANTOM_TASKS[task][1]) != 2 or f'phantoms:{PHANTOM_TASKS[task][0]}:{task}' not in entries:
-        raise ValueError(f"--task {task!r}: the demo runs a two-class phantom task with a zoo entry; the zoo has {have}.")
-    modality, (tgt, src) = PHANTOM_TASKS[task]                       # label 0 is the healthy class: the demo's target
+    if task not in PHANTOM_TASKS or f'phantoms:{PHANTOM_TASKS[task][0]}:{task}' not in entries:
+        raise ValueError(f"--task {task!r}: the demo runs a phantom task with a zoo entry; the zoo has {have}.")
+    modality, classes = PHANTOM_TASKS[task]
+    tgt, src = classes[0], classes[1] if len(classes) == 2 else DEMO_SOURCES[modality]   # label 0 is the healthy class: the demo's target
     var = target_variables(modality, src, tgt)[0]
     return dict(entry=entries[f'phantoms:{modality}:{task}'], modality=modality, source=src, target=tgt, variable=var)
 

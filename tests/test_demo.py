@@ -58,7 +58,7 @@ def test_demo_runs_every_task_of_the_zoo(task, tmp_path, capsys):
 
 def test_demo_refuses_a_task_without_a_zoo_entry(tmp_path, capsys):
     from spruce_nb.cli import main
-    assert main(['demo', '--task', 'oct-4class', '--out', str(tmp_path / 'd')]) == 2
+    assert main(['demo', '--task', 'mri-4stage', '--out', str(tmp_path / 'd')]) == 2
     assert 'cardiomegaly-vs-normal' in capsys.readouterr().err and not (tmp_path / 'd').exists()
 
 def test_corrupt_zoo_file_is_rebuilt_with_its_dependents_only(tmp_path):
