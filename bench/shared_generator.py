@@ -4,8 +4,9 @@
 Both are `spruce evaluate` runs with the same command, classifier, GMMs and held-out images; only --model-dir's generator and
 encoder differ. The 2-class run is the committed acceptance run (nbs/data/eval_cxr64_acceptance.json, collected by
 tools/collect_eval.py, which keeps its per-image flip, confidence, L1, in-region share and edit cosine); the 3-class run is
-a run directory. Prints both runs' means and the paired differences (3-class − 2-class, image by image, 95 % intervals), and
-writes them to --out.
+a run directory. Prints both runs' means and the paired differences (3-class − 2-class, image by image, 95 % intervals), the
+share of the image each chest task's causal region covers (the README's "region's share": the true masks of held-out source
+phantoms, dilated by 2 px as `metrics.edit_metrics` does for its in-region share), and writes them to --out.
 
     python bench/shared_generator.py RUN_3CLASS --out nbs/data/shared_generator_cxr.json
 """
@@ -25,6 +26,15 @@ def _set_level(summary: list, keys=('fid', 'mmd_effnet')) -> dict:
         name = next((s for s in SET_ROWS if s in r.get('row', '')), None)
         if name: out[name] = {k: r[k] for k in keys if k in r}
     return out
+
+def region_share(task: str, source: str, n: int = 64) -> float:
+    "Mean share of the image covered by the dilated true causal region of held-out `source` phantoms of a chest task."
+    import torch
+    from spruce_nb.data import PhantomDataset
+    from spruce_nb.metrics import dilate_mask
+    ds = PhantomDataset('cxr', n=n, size=64, seed=0, classes=('normal', source), split='test')
+    m = torch.stack([ds.ground_truth(i, 'normal')['mask'] for i in range(n) if ds.labels[i] == 1])
+    return float(dilate_mask(m, 2).float().mean())
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +56,8 @@ def main(argv=None):
                               means={k: mean_ci([r[k] for r in rows_ref]) for k in cols}),
                run=dict(label=rep['fingerprint']['label'], command=rep['command'], n=rep['n_evaluated'], set_level=_set_level(rep['summary']),
                         means={k: mean_ci([r[k] for r in rows_run if k in r]) for k in cols}),
-               same_images=len(same), paired=paired)
+               same_images=len(same), paired=paired,
+               region_share={src: round(region_share(t, src), 3) for t, src in (('cardiomegaly-vs-normal', 'cardiomegaly'), ('opacity-vs-normal', 'opacity'))})
     Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
     print(f"images in both runs: {len(same)} (2-class: {len(rows_ref)}, 3-class: {len(rows_run)})")
     for side in ('reference', 'run'):
@@ -55,6 +66,7 @@ def main(argv=None):
               + '; ' + ', '.join(f"{n} {k.upper()} {v:.1f}" if k == 'fid' else f"{n} {k} {v:.3f}" for n, d in s['set_level'].items() for k, v in d.items()))
     for d in paired:
         print(f"paired {d['column']}: 3-class − 2-class = {d['mean']:+.3f} ± {d['ci95']:.3f} (n={d['n']}; higher {d['higher']}, lower {d['lower']})")
+    print('causal region (dilated 2 px), share of the image: ' + ', '.join(f'{k} {v:.2f}' for k, v in res['region_share'].items()))
     print(f'wrote {a.out}')
 
 if __name__ == '__main__':

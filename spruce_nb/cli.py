@@ -72,11 +72,11 @@ def doctor_report() -> list[dict]:
         level = 'ok' if r['ok'] else 'warning' if r['origin'] == 'missing' else 'error'
         msg = f"{r['origin']}: {r['note']}" if r['ok'] else (f"missing: run `{r['note']}`" if r['origin'] == 'missing' else f"does not verify: {r['note']}")
         rows.append(_check(f"network {r['network']}", level, msg))
-    from spruce_nb.demo import zoo_manifest, check_zoo_file, ZOO_FILES
+    from spruce_nb.demo import zoo_manifest, check_zoo_file, zoo_lacks
     man = zoo_manifest()
     for entry, spec in man.items():
         bad = [why for name in spec.get('files', {}) for ok, why in [check_zoo_file(entry, name, man)] if not ok]
-        lacking = [n for n in ZOO_FILES if n not in spec.get('files', {})]     # an entry still being built: not an error of this installation
+        lacking = zoo_lacks(spec)                                                # an entry still being built: not an error of this installation
         msg = ('; '.join(bad) + ' — `spruce demo` retrains what is missing or altered (quick preset)' if bad
                else f"{len(spec.get('files', {}))} files verify")
         if lacking: msg += f"; entry not complete yet (no {', '.join(lacking)}), so `ensure_models` refuses it"

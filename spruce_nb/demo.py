@@ -17,7 +17,7 @@ from .core import positive_int, nonneg_int, nonneg_float, add_command
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'DEMO_SOURCES', 'cli_commands', 'zoo_manifest',
-           'check_zoo_file', 'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
+           'check_zoo_file', 'zoo_lacks', 'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #f996555f
 ZOO_DIR = Path(spruce_nb.__file__).resolve().parent / 'zoo'   # package data: spruce_nb/zoo/
@@ -58,6 +58,10 @@ def _run_cli(cmd: str) -> None:
     rc = found[0].run(p.parse_args(argv))
     if rc: raise RuntimeError(f"`spruce {cmd}` failed with exit code {rc}")
 
+def zoo_lacks(spec: dict) -> list[str]:
+    "The `ZOO_FILES` a manifest entry has no record of yet (an entry still being built); [] for a complete entry."
+    return [n for n in ZOO_FILES if n not in spec.get('files', {})]
+
 def ensure_models(entry: str,                 # zoo entry, e.g. 'cxr64'
                   work_dir: str | Path,       # where retrained files and the assembled model directory go
                   manifest: dict | None = None,
@@ -69,7 +73,7 @@ def ensure_models(entry: str,                 # zoo entry, e.g. 'cxr64'
     zoo_dir = Path(zoo_dir) if zoo_dir else ZOO_DIR
     if entry not in manifest: raise ValueError(f"unknown zoo entry {entry!r}; available: {sorted(manifest) or 'none (no manifest)'}")
     files = manifest[entry]['files']
-    lacking = {e: [n for n in ZOO_FILES if n not in v['files']] for e, v in manifest.items()}   # files without a record, per entry
+    lacking = {e: zoo_lacks(v) for e, v in manifest.items()}   # files without a record, per entry
     if lacking[entry]: raise ValueError(f"zoo entry {entry!r} is not complete yet: it has no {lacking[entry]} (no file, no recipe); "
                                         f"complete entries: {sorted(e for e, l in lacking.items() if not l)}.")
     work = Path(work_dir); models = work / 'models'; models.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 import pytest
-from spruce_nb.demo import ZOO_FILES, zoo_manifest, check_zoo_file, ensure_models
+from spruce_nb.demo import ZOO_FILES, zoo_manifest, zoo_lacks, check_zoo_file, ensure_models
 from spruce_nb.core import load_checkpoint
 
 def test_zoo_files_match_manifest():
@@ -45,7 +45,7 @@ def test_demo_runs_every_task_of_the_zoo(task, tmp_path, capsys):
     from spruce_nb.cli import main
     from spruce_nb.demo import demo_task
     plan, out = demo_task(task), tmp_path / 'demo'
-    lacking = [n for n in ZOO_FILES if n not in zoo_manifest()[plan['entry']]['files']]
+    lacking = zoo_lacks(zoo_manifest()[plan['entry']])
     rc = main(['demo', '--task', task, '--out', str(out), '--n', '2', '--steps', '4', '--pti-steps', '3'])
     if lacking:
         assert rc == 2 and 'not complete yet' in capsys.readouterr().err and not out.exists()

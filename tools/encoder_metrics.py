@@ -25,11 +25,11 @@ def main(argv=None):
     rec = synthesize(G, invert(E, x))
     avg = synthesize(G, G.mapping.w_avg[None, None].repeat(len(x), G.num_ws, 1))
     out = dict(n_images=a.n, classes=a.classes)
-    for net in ('alex', 'vgg'):
+    for net in ('alex', 'vgg'):                                          # MSE is the same for both: reported once
         m_e, m_a = reconstruction_metrics(rec, x, lpips_net=net), reconstruction_metrics(avg, x, lpips_net=net)
-        out.update({f'lpips_{net}_e4e': round(m_e['lpips'], 4), f'lpips_{net}_w_avg': round(m_a['lpips'], 4)})
-        out.update(mse_e4e=round(m_e['mse'], 5), mse_w_avg=round(m_a['mse'], 5))
-        out[f'lpips_{net}_trunk'] = lpips_info(net)['trunk']
+        out.update({f'lpips_{net}_e4e': round(m_e['lpips'], 4), f'lpips_{net}_w_avg': round(m_a['lpips'], 4),
+                    f'lpips_{net}_trunk': lpips_info(net)['trunk']})
+    out.update(mse_e4e=round(m_e['mse'], 5), mse_w_avg=round(m_a['mse'], 5))
     print(json.dumps(out, indent=1))
 
 if __name__ == '__main__':
