@@ -15,6 +15,7 @@ from pathlib import Path
 
 from spruce_nb.compare import paired_differences
 from spruce_nb.evaluate import mean_ci
+from spruce_nb.tasks import THESIS_TASKS, region_share   # the chance level of the in-region share (19_tasks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SET_ROWS = ('counterfactuals', 'reconstructions')
@@ -26,15 +27,6 @@ def _set_level(summary: list, keys=('fid', 'mmd_effnet')) -> dict:
         name = next((s for s in SET_ROWS if s in r.get('row', '')), None)
         if name: out[name] = {k: r[k] for k in keys if k in r}
     return out
-
-def region_share(task: str, source: str, n: int = 64) -> float:
-    "Mean share of the image covered by the dilated true causal region of held-out `source` phantoms of a chest task."
-    import torch
-    from spruce_nb.data import PhantomDataset
-    from spruce_nb.metrics import dilate_mask
-    ds = PhantomDataset('cxr', n=n, size=64, seed=0, classes=('normal', source), split='test')
-    m = torch.stack([ds.ground_truth(i, 'normal')['mask'] for i in range(n) if ds.labels[i] == 1])
-    return float(dilate_mask(m, 2).float().mean())
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +49,7 @@ def main(argv=None):
                run=dict(label=rep['fingerprint']['label'], command=rep['command'], n=rep['n_evaluated'], set_level=_set_level(rep['summary']),
                         means={k: mean_ci([r[k] for r in rows_run if k in r]) for k in cols}),
                same_images=len(same), paired=paired,
-               region_share={src: round(region_share(t, src), 3) for t, src in (('cardiomegaly-vs-normal', 'cardiomegaly'), ('opacity-vs-normal', 'opacity'))})
+               region_share={t: round(region_share(THESIS_TASKS[t]), 3) for t in ('cardiomegaly', 'opacity')})
     Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
     print(f"images in both runs: {len(same)} (2-class: {len(rows_ref)}, 3-class: {len(rows_run)})")
     for side in ('reference', 'run'):

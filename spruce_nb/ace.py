@@ -363,7 +363,7 @@ class ACE:
         return images.to(self.device).float()
 
     def explain(self, images: torch.Tensor,     # query images [N,3,H,W] in [-1, 1]
-                target=None,                    # c': class index/name (one or per image); None: the second most probable class
+                target=None,                    # c': class index/name (one or per image); None: the healthy class, else the second most probable
                 true_label=None,                # true labels [N]: misclassified images take their label as target (ACE)
                 show_progress: bool = True,
                 generator: torch.Generator | None = None, # noise of the filter and the inpainting (default: torch's global generator)

@@ -117,7 +117,7 @@ class PGD:
         return f"PGD baseline: {c.steps} signed-gradient steps of {c.step_size * 255:g}/255 in an ℓ∞ ball of {c.epsilon * 255:g}/255, λ_L1 = {c.lambda_l1:g}"
 
     def explain(self, images: torch.Tensor, target=None, true_label=None, show_progress: bool = True) -> Explanation:
-        "Adversarial counterfactuals for a batch [N,3,H,W] in [-1, 1]; target: class name/index (None: the second most probable class)."
+        "Adversarial counterfactuals for a batch [N,3,H,W] in [-1, 1]; target: class name/index (None: the healthy class, else the second most probable)."
         x = _query(images, self.resolution, self.device)
         with torch.no_grad(): p0 = self.classifier(x).float().softmax(-1)
         source = p0.argmax(-1)

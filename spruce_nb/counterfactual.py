@@ -458,9 +458,15 @@ def resolve_targets(source: torch.Tensor,   # [N] predicted classes of the queri
                     classes: Sequence[str],
                     true_label=None,        # [N] true labels: misclassified images take their label as target (PIECE, ACE)
                     default: torch.Tensor | None = None, # [N] targets when `target` is None (each method's own rule)
+                    healthy='auto',         # target=None: images not predicted healthy go to this class ('auto': `healthy_class`; None: off)
                    ) -> torch.Tensor:
     "The target class of every query, shared by every explainer; refuses, before any work, images already predicted as their target."
     tgt = default if target is None else _class_index(target, classes, len(source), source.device)
+    if target is None and healthy is not None:      # the default question: what would make this image healthy?
+        from spruce_nb.data import healthy_class
+        h = healthy_class(classes) if healthy == 'auto' else int(_class_index(healthy, classes, 1, 'cpu')[0])
+        if h is not None:
+            tgt = torch.where(source != h, torch.full_like(source, h), source if tgt is None else tgt.to(source.device))
     if tgt is None: raise ValueError("no target: pass target= (a class name or index), or a default rule.")
     if true_label is not None:
         y = torch.as_tensor(true_label, device=source.device).long().reshape(-1)
@@ -534,7 +540,7 @@ register_explainer('spruce', _spruce_from_args)
 def _explain_args(p):
     p.add_argument('images', nargs='+', help='image files to explain')
     p.add_argument('--model-dir', required=True, help='directory with classifier.pt, generator.pt, encoder.pt, gmms.pt (e.g. a model-zoo entry)')
-    p.add_argument('--target', default=None, help='target class name or index (default: the second most probable class)')
+    p.add_argument('--target', default=None, help='target class name or index (default: the healthy class (normal, no_dementia, …) for images not predicted healthy, else the second most probable class)')
     p.add_argument('--out', required=True, help='output directory')
     explanation_options(p)
     p.add_argument('--batch-size', type=positive_int, default=16, help='images per batch (default 16)')

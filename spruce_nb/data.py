@@ -17,13 +17,14 @@ from .core import check_images, from_unit, is_tiny, atomic_write, save_checkpoin
 from .core import OutputDir, TMP_TAG, _pid_alive
 
 # %% auto #0
-__all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'MAX_MARKER_SCALE',
-           'DEFAULT_SPLIT_SIZES', 'IMAGE_EXTENSIONS', 'PREPROCESSING', 'MAX_IMAGE_PIXELS', 'MAX_IMAGE_BYTES',
-           'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2', 'ORACLE_TOL_QUANTILE', 'phantom_seeds',
-           'phantom_modalities', 'marker_mask', 'spurious_markers', 'PhantomBatch', 'make_phantoms',
-           'phantom_counterfactuals', 'label_from_causal', 'PhantomDataset', 'phantom_task', 'parse_phantom_task',
-           'dataset_from_spec', 'read_dicom', 'load_image', 'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset',
-           'write_phantom_folder', 'phantom_nuisance', 'PhantomOracle', 'load_oracle', 'fit_oracle']
+__all__ = ['PHANTOM_CLASSES', 'CAUSAL_VARIABLES', 'DEFAULT_CLASSES', 'PHANTOM_TASKS', 'DEFAULT_TASK', 'HEALTHY_CLASSES',
+           'MAX_MARKER_SCALE', 'DEFAULT_SPLIT_SIZES', 'IMAGE_EXTENSIONS', 'PREPROCESSING', 'MAX_IMAGE_PIXELS',
+           'MAX_IMAGE_BYTES', 'SPLIT_FORMAT', 'MEDMNIST_CLASSES', 'cli_commands', 'ORACLE_MIN_R2',
+           'ORACLE_TOL_QUANTILE', 'healthy_class', 'phantom_seeds', 'phantom_modalities', 'marker_mask',
+           'spurious_markers', 'PhantomBatch', 'make_phantoms', 'phantom_counterfactuals', 'label_from_causal',
+           'PhantomDataset', 'phantom_task', 'parse_phantom_task', 'dataset_from_spec', 'read_dicom', 'load_image',
+           'stratified_split', 'ImageFolderDataset', 'MedMNISTDataset', 'write_phantom_folder', 'phantom_nuisance',
+           'PhantomOracle', 'load_oracle', 'fit_oracle']
 
 # %% ../nbs/02_data.ipynb #085fc6ab
 PHANTOM_CLASSES = {  # modality -> all its classes (label 0 is the healthy class)
@@ -49,6 +50,15 @@ PHANTOM_TASKS = {  # named tasks: task -> (modality, classes); 'cardiomegaly-vs-
     'mri-anatomy-4stage': ('mri-anatomy', PHANTOM_CLASSES['mri-anatomy']),
 }
 DEFAULT_TASK = 'cxr:cardiomegaly-vs-normal'
+
+# %% ../nbs/02_data.ipynb #b013dd45
+HEALTHY_CLASSES = ('normal', 'healthy', 'no_dementia', 'non_demented', 'nondemented', 'no_finding', 'control')   # names read as the healthy class
+
+def healthy_class(classes) -> int | None:
+    "Index of the one class in `classes` whose name is in HEALTHY_CLASSES (case, spaces and hyphens ignored); None if none or several are."
+    norm = lambda s: str(s).strip().lower().replace(' ', '_').replace('-', '_')
+    hits = [i for i, c in enumerate(classes) if norm(c) in HEALTHY_CLASSES]
+    return hits[0] if len(hits) == 1 else None
 
 # %% ../nbs/02_data.ipynb #7a861fd8
 _M64 = (1 << 64) - 1

@@ -446,7 +446,7 @@ class DISC:
         return source, resolve_targets(source, target, self.classes, true_label, default=second)
 
     def explain(self, images: torch.Tensor,   # query images [N,3,H,W] in [-1, 1]
-                target=None,                  # target class: index/name, one or per image; None: the second most probable class
+                target=None,                  # target class: index/name, one or per image; None: the healthy class, else the second most probable
                 true_label=None,              # true labels [N]: misclassified images take their label as target
                 show_progress: bool = True,
                 config: DISCConfig | None = None, # override this explainer's config for this call

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .core import check_images, image_to_numpy, is_tiny
+from .data import healthy_class
 
 # %% auto #0
 __all__ = ['held_out_phantoms', 'Explorer', 'explore']
@@ -130,12 +131,13 @@ class Explorer:
 
     # ------------------------------------------------------------------ callbacks
     def select_image(self, i: int):
-        "Show image i, default the target to the classifier's second most probable class, and clear the trajectory."
+        "Show image i, default the target to the healthy class (else the second most probable), and clear the trajectory."
         i = int(i)
         if self.image_select.value != i: self.image_select.value = i; return   # the observer calls back here
         p = self.probs0[i]
         order = p.argsort(descending=True).tolist()
-        self.target_select.value = order[1] if len(order) > 1 else order[0]
+        h = healthy_class(self.classes)
+        self.target_select.value = h if h is not None and order[0] != h else (order[1] if len(order) > 1 else order[0])
         self._clear()
         self.original_view.value = _png(image_to_numpy(self.images[i]), self.scale)
         self.step_view.value = self.original_view.value

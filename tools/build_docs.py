@@ -35,7 +35,8 @@ SIDEBAR = NBS/'sidebar.yml'
 
 # Teaching order: a notebook goes into the last section whose first number is <= its numeric prefix.
 SECTIONS = [(0, 'Foundations'), (3, 'Classifiers'), (5, 'Generator'), (7, 'Inversion'),
-            (9, 'Counterfactuals'), (11, 'Evaluation'), (15, 'Peer methods'), (18, 'Your own data'), (90, 'Reference')]
+            (9, 'Counterfactuals'), (11, 'Evaluation'), (15, 'Peer methods'), (18, 'Your own data'),
+            (19, "The thesis' four tasks"), (90, 'Reference')]
 TOP_PAGES = ['index.ipynb', 'course.md']   # pages listed before the sections, if they exist
 LESSON_SECTIONS = [s for n, s in SECTIONS if n < 90]  # sections whose notebooks are course lessons
 

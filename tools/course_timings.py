@@ -35,6 +35,8 @@ SESSIONS = [
      ['15_disc.ipynb', '16_ace.ipynb', '17_compare.ipynb']),
     ('8. Your own data', 'one command from a data set (phantoms, class folders, label CSVs) to a verified, resumable model directory for `spruce explain`',
      ['18_fit.ipynb']),
+    ("9. The thesis' four tasks", "lung opacity, cardiomegaly, OCT and brain MRI: the thesis' Tables 6.7–6.11 on phantoms, the thesis' numbers beside ours, and a paired plain-vs-robust answer per task",
+     ['19_tasks.ipynb']),
 ]
 
 def measure(nb: str, timeout: int = 600) -> dict:
