@@ -462,6 +462,8 @@ def train_classifier(cfg: ClassifierConfig,        # Architecture + recipe (`tra
                      log_every: int | None = None,
                      callbacks: Sequence[Callback] = (),
                      make_step: Callable | None = None, # fn(cfg, criterion, augment) -> training step; None: the plain step (TRADES: `spruce_nb.robust.make_trades_step`)
+                     make_eval: Callable | None = None, # fn(val_ds, criterion) -> eval_fn; None: `make_eval_fn` (TRADES: `spruce_nb.robust.make_robust_eval` adds PGD accuracy)
+                     select: str = 'val_loss',     # the eval key (lower is better) whose best value picks the weights kept and drives early stopping
                     ) -> tuple[Classifier, list[dict]]:
     "Train a classifier with the thesis recipe on `training.Trainer`; returns the model (best validation loss, eval mode) and the history."
     if cfg.trades_eps > 0 and make_step is None:
@@ -486,9 +488,9 @@ def train_classifier(cfg: ClassifierConfig,        # Architecture + recipe (`tra
     cbs, best = list(callbacks), None
     eval_fn = None
     if val_ds is not None:
-        eval_fn = make_eval_fn(val_ds, criterion)
-        best = BestWeights('val_loss')
-        cbs += [best, EarlyStopping('val_loss', patience=cfg.patience, filename='best.pt')]
+        eval_fn = (make_eval or make_eval_fn)(val_ds, criterion)
+        best = BestWeights(select)
+        cbs += [best, EarlyStopping(select, patience=cfg.patience, filename='best.pt')]
     trainer = Trainer({'model': clf}, {'model': opt}, step_fn, train_ds, cfg.batch_size, total, out_dir,
                       schedulers={'model': sched}, log_every=log_every or min(spe, 20), grad_clip=cfg.grad_clip, ckpt_every=min(spe, 500),
                       amp='auto' if cfg.amp else 'fp32', callbacks=cbs, config=cfg, kind='classifier-training',
@@ -571,8 +573,9 @@ def _train_in(args, out: Path, base: ClassifierConfig, rank: int = 0) -> int:
     cfg = base.replace(**kw)
     print(f"training {cfg.arch} on {args.data} ({len(splits['train'])} train / {len(splits.get('val', []))} val images, classes {list(classes)})"
           + (f" with TRADES eps={cfg.trades_eps * 255:g}/255 beta={cfg.trades_beta:g}" if cfg.trades_eps > 0 else ''))
-    clf, hist = train_classifier(cfg, splits['train'], splits.get('val'), out, resume=args.resume, init=args.init,
-                                 max_steps=args.max_steps, device=args.device, make_step=cli_hook(args, 'make_step').get('make_step'))
+    ext = cli_hook(args, 'make_step')                            # an extension's step, validation and selection (04_trades)
+    clf, hist = train_classifier(cfg, splits['train'], splits.get('val'), out, resume=args.resume, init=args.init, max_steps=args.max_steps,
+                                 device=args.device, make_step=ext.get('make_step'), make_eval=ext.get('make_eval'), select=ext.get('select', 'val_loss'))
     if rank > 0: return 0                                          # under torchrun rank 0 tests and writes
     meta = dict(data=args.data, n=dict((k, len(v)) for k, v in splits.items()), stop_reason=clf.stop_reason,
                 steps=hist[-1]['step'] if hist else 0, init=args.init)

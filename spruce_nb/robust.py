@@ -14,12 +14,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from .core import CLICommand, check_images, get_device, is_tiny, add_data_args
-from .classifier import Classifier, ClassifierConfig, check_labels, _xy, _loader
+from .classifier import Classifier, ClassifierConfig, check_labels, _xy, _loader, make_eval_fn
 from .core import positive_int, nonneg_float, CLIExtension
 
 # %% auto #0
 __all__ = ['cli_commands', 'cli_extensions', 'eps_to_pm1', 'pgd_attack', 'trades_perturb', 'trades_loss', 'make_trades_step',
-           'robust_accuracy', 'input_gradients', 'saliency_energy', 'mask_energy_fraction']
+           'robust_accuracy', 'make_robust_eval', 'input_gradients', 'saliency_energy', 'mask_energy_fraction']
 
 # %% ../nbs/04_trades.ipynb #97fddabf
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -172,6 +172,22 @@ def robust_accuracy(clf: nn.Module,           # Classifier on [-1, 1] images
     return dict(n=n, clean_acc=clean / max(n, 1), pgd_acc=adv / max(n, 1), eps=float(eps), eps_255=float(eps * 255), steps=steps,
                 alpha=float(alpha if alpha is not None else eps / 4))
 
+# %% ../nbs/04_trades.ipynb #2f5ce494
+def make_robust_eval(eps: float,            # ε in [0, 1] pixel units (the training budget, at full size)
+                     n: int = 200,          # validation images attacked per evaluation
+                     steps: int = 10,       # PGD steps (α = ε/4)
+                    ) -> Callable:
+    "A `make_eval` for `train_classifier`: the clean validation loss and accuracy plus PGD accuracy at ε (`val_robust_acc`) and its error (`val_robust_err`, for `select=`)."
+    eps_to_pm1(eps)
+    def make(val_ds, criterion):
+        clean = make_eval_fn(val_ds, criterion)
+        def eval_fn(trainer):
+            out = clean(trainer)
+            r = robust_accuracy(trainer.unwrap('model'), val_ds, eps=eps, steps=steps, max_items=n, device=trainer.device)
+            return dict(out, val_robust_acc=r['pgd_acc'], val_robust_err=1.0 - r['pgd_acc'])
+        return eval_fn
+    return make
+
 # %% ../nbs/04_trades.ipynb #3b05f1de
 def input_gradients(clf: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     "$\\nabla_x \\log f_{t}(x)$ [N, 3, H, W] in eval mode, for target classes `t` (default: the predicted class)."
@@ -224,12 +240,21 @@ def _trades_args(p):
     g.add_argument('--trades-steps', type=positive_int, default=10, help='TRADES inner PGD steps (default 10; alpha = eps/4)')
     g.add_argument('--trades-eps-warmup', type=nonneg_float, default=0.0, help='epochs over which eps ramps up linearly from 0 (not in the thesis; default 0)')
     g.add_argument('--robust-n', type=positive_int, default=500, help='with --trades-eps: test images for the PGD-20 evaluation (default 500)')
+    g.add_argument('--select-on', choices=('clean', 'robust'), default='clean', help="with --trades-eps: keep the epoch with the lowest clean validation loss ('clean', default) "
+                   "or the highest PGD-10 validation accuracy at the full eps on 200 validation images ('robust', make_robust_eval)")
 
 def _trades_recipe(args) -> dict:
     if not 0 <= args.trades_eps <= 255: raise ValueError(f"--trades-eps {args.trades_eps}: give eps in /255 units, in (0, 255] (e.g. 8 for 8/255), or 0 for plain training.")
-    if args.trades_eps == 0: return {}
+    if args.trades_eps == 0:
+        if args.select_on == 'robust': raise ValueError("--select-on robust selects the most robust epoch of a TRADES run: add --trades-eps (e.g. 8), or drop --select-on.")
+        return {}
     return dict(recipe=ClassifierConfig.trades_recipe(args.trades_eps / 255, trades_beta=args.trades_beta, trades_steps=args.trades_steps,
                                                       trades_eps_warmup=args.trades_eps_warmup))
+
+def _trades_make_step(args) -> dict:
+    if not args.trades_eps: return {}
+    sel = dict(make_eval=make_robust_eval(args.trades_eps / 255), select='val_robust_err') if args.select_on == 'robust' else {}
+    return dict(make_step=make_trades_step, **sel)
 
 def _trades_after_test(args, clf, test_ds) -> dict:
     if args.trades_eps == 0: return {}
@@ -238,5 +263,5 @@ def _trades_after_test(args, clf, test_ds) -> dict:
     return dict(robust=r)
 
 cli_extensions = [CLIExtension('train-classifier', _trades_args,
-                               hooks=dict(recipe=_trades_recipe, make_step=lambda a: dict(make_step=make_trades_step) if a.trades_eps else {},
+                               hooks=dict(recipe=_trades_recipe, make_step=_trades_make_step,
                                           after_test=_trades_after_test))]
