@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spruce_nb.compare import paired_differences
 from spruce_nb.evaluate import mean_ci
-from spruce_nb.tasks import THESIS_TASKS, region_share   # the chance level of the in-region share (19_tasks)
+from spruce_nb.tasks import THESIS_TASKS, region_share, paired_rows   # the chance level of the in-region share (19_tasks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SET_ROWS = ('counterfactuals', 'reconstructions')
@@ -37,7 +37,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     ref = json.loads(Path(a.reference).read_text())[a.reference_index]
     cols = ref['row_columns']
-    rows_ref = [dict(index=int(i), **dict(zip(cols, v))) for i, v in ref['rows'].items()]
+    rows_ref = paired_rows(ref)
     run = Path(a.run)
     rep = json.loads((run / 'report.json').read_text())
     rows_run = [dict(index=int(r['index']), **{k: float(r[k]) for k in cols if r.get(k) not in (None, '')})

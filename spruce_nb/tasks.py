@@ -13,7 +13,7 @@ from .compare import paired_differences
 
 # %% auto #0
 __all__ = ['THESIS_TASKS', 'THESIS_SOURCE', 'THESIS_INVERSION', 'THESIS_COUNTERFACTUALS', 'ThesisTask', 'run_setting', 'task_of',
-           'own_entry', 'region_share', 'inversion_table', 'counterfactual_table', 'plain_vs_robust',
+           'own_entry', 'region_share', 'inversion_table', 'counterfactual_table', 'paired_rows', 'plain_vs_robust',
            'cross_task_table']
 
 # %% ../nbs/19_tasks.ipynb #0e42d585
@@ -131,7 +131,8 @@ def counterfactual_table(runs: list, task: str) -> str:
             ('thesis_l1', 'thesis L1'), ('thesis_conf', 'thesis conf.')]
     return _table(rows, cols)
 
-def _paired_rows(run: dict) -> list:
+def paired_rows(run: dict) -> list:
+    "A collected run's per-image columns as rows with their dataset index (what `compare.paired_differences` pairs on)."
     return [dict(index=int(i), **dict(zip(run['row_columns'], v))) for i, v in run['rows'].items()]
 
 def plain_vs_robust(runs: list, task: str, eps: int = 2,
@@ -139,7 +140,7 @@ def plain_vs_robust(runs: list, task: str, eps: int = 2,
     "TRADES ε − plain, image by image on the images both runs explained, with 95 % intervals (`compare.paired_differences`); [] if a run is missing."
     have = _runs_of(runs, THESIS_TASKS[task])
     if 0 not in have or eps not in have: return []
-    return paired_differences({f'TRADES {eps}/255': _paired_rows(have[eps]), 'plain': _paired_rows(have[0])}, 'plain', list(columns))
+    return paired_differences({f'TRADES {eps}/255': paired_rows(have[eps]), 'plain': paired_rows(have[0])}, 'plain', list(columns))
 
 def cross_task_table(runs: list, eps: int = 2, shares: dict | None = None) -> str:
     "One row per task: the plain run's flip, in-region share (and the region's share of the image), edit cosine, oracle flip and FID, and the paired TRADES ε − plain in-region share."
