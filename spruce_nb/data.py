@@ -403,6 +403,7 @@ class _MRIAnatomy(_MRI):
     name, classes, causal_names = 'mri-anatomy', PHANTOM_CLASSES['mri-anatomy'], CAUSAL_VARIABLES['mri-anatomy']
     n_nuis, n_inv, lattice, n_noise = N_ANATOMY_UNIFORMS, 1, 1, 2
     check = staticmethod(template_dir)          # raises, naming `pip install nilearn`, where the template is missing
+    causal_range = ((0.0, 1.5),)                # the atrophy `render_anatomy` accepts: a path extrapolated past a stage stops at its ends
 
     def params(self, u0, u4): return anatomy_params(u0), dict(q=u4[:, 0])
 

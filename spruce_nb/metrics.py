@@ -422,8 +422,11 @@ def phantom_cf_path(modality: str, seeds, source, target, ts=None, size: int = 6
     P, inv, tex, noise = D._draw(model, seeds, S)
     c0, c1 = model.causal(inv, idx(source)), model.causal(inv, idx(target))
     frames = []
+    lim = getattr(model, 'causal_range', None)      # a variable with a valid range (mri-anatomy's atrophy) stops at its ends
     for t in ts.tolist():
-        B, _ = model.render(P, inv, c0 + t * (c1 - c0), tex, S)
+        c = c0 + t * (c1 - c0)
+        if lim: c = torch.stack([c[:, j].clamp(lo, hi) for j, (lo, hi) in enumerate(lim)], 1)
+        B, _ = model.render(P, inv, c, tex, S)
         frames.append(D._u8_to_images(D._quantize(model.noisy(B, P, noise, inv))))
     return torch.stack(frames), ts
 
