@@ -96,6 +96,10 @@ def _stat(run: dict, k: str, out: dict, key: str | None = None):
     s = run['per_image'].get(k)
     if s: out[key or k], out[f'{key or k}_ci95'] = s['mean'], s['ci95']
 
+def _steps(run: dict):
+    "The run's optimisation steps T (its recorded settings; None for a run collected without them)."
+    return (run.get('counterfactual') or {}).get('steps')
+
 def _runs_of(runs: list, task: ThesisTask) -> dict:
     "eps -> the run of the task through its own zoo entry (the last one collected wins)."
     return {run_setting(r)['eps']: r for r in runs if task_of(r) == task and own_entry(r)}
@@ -121,11 +125,11 @@ def counterfactual_table(runs: list, task: str) -> str:
         row = dict(row='plain' if eps == 0 else f'TRADES {eps}/255', thesis_fid=th[0], thesis_cmmd=th[1], thesis_flip=th[2], thesis_l1=th[3], thesis_conf=th[4])
         r = have.get(eps)
         if r is not None:
-            row.update(n=r['n'], **{k: v for k, v in _setlevel(r, 'counterfactuals').items() if k in ('fid', 'mmd_effnet')})
+            row.update(n=r['n'], T=_steps(r), **{k: v for k, v in _setlevel(r, 'counterfactuals').items() if k in ('fid', 'mmd_effnet')})
             for k, key in (('flipped', 'flip_ratio'), ('l1', None), ('confidence', None), ('in_mask', None), ('edit_cos', None), ('oracle_flip', None),
                            (f'oracle_d_{t.variable}', 'd_oracle'), (f'true_d_{t.variable}', 'd_true')): _stat(r, k, row, key)
         rows.append(row)
-    cols = [('n', 'n'), ('fid', 'FID ↓'), ('mmd_effnet', 'MMD-EffNet ↓'), ('flip_ratio', 'flip ↑'), ('l1', 'L1 ↓'), ('confidence', 'confidence ↑'),
+    cols = [('n', 'n'), ('T', 'T'), ('fid', 'FID ↓'), ('mmd_effnet', 'MMD-EffNet ↓'), ('flip_ratio', 'flip ↑'), ('l1', 'L1 ↓'), ('confidence', 'confidence ↑'),
             ('in_mask', 'edit in region ↑'), ('edit_cos', 'edit cosine ↑'), ('oracle_flip', 'oracle flip ↑'), ('d_oracle', f'Δ{t.variable} oracle'),
             ('d_true', f'Δ{t.variable} true'), ('thesis_fid', 'thesis FID'), ('thesis_cmmd', 'thesis CMMD'), ('thesis_flip', 'thesis flip'),
             ('thesis_l1', 'thesis L1'), ('thesis_conf', 'thesis conf.')]
@@ -148,12 +152,12 @@ def cross_task_table(runs: list, eps: int = 2, shares: dict | None = None) -> st
     for name, t in THESIS_TASKS.items():
         r = _runs_of(runs, t).get(0); row = dict(row=f'{t.source} → {t.target} ({t.entry})')
         if r is not None:
-            row.update(n=r['n'], fid=_setlevel(r, 'counterfactuals').get('fid'))
+            row.update(n=r['n'], T=_steps(r), fid=_setlevel(r, 'counterfactuals').get('fid'))
             for k, key in (('flipped', 'flip_ratio'), ('in_mask', None), ('edit_cos', None), ('oracle_flip', None)): _stat(r, k, row, key)
             if shares and name in shares: row['region'] = shares[name]
             d = next((d for d in plain_vs_robust(runs, name, eps) if d['column'] == 'in_mask'), None)
             if d: row['robust_in_mask'], row['robust_in_mask_ci95'] = d['mean'], d['ci95']
         rows.append(row)
-    cols = [('n', 'n'), ('flip_ratio', 'flip ↑'), ('in_mask', 'edit in region ↑'), ('region', "region's share of image"), ('edit_cos', 'edit cosine ↑'),
+    cols = [('n', 'n'), ('T', 'T'), ('flip_ratio', 'flip ↑'), ('in_mask', 'edit in region ↑'), ('region', "region's share of image"), ('edit_cos', 'edit cosine ↑'),
             ('oracle_flip', 'oracle flip ↑'), ('fid', 'FID ↓'), ('robust_in_mask', f'in region, TRADES {eps}/255 − plain (paired)')]
     return _table(rows, cols)
