@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .evaluate import mean_ci, markdown_table
 from .compare import paired_differences
+from .data import PHANTOM_CLASSES
 
 # %% auto #0
 __all__ = ['THESIS_TASKS', 'THESIS_SOURCE', 'THESIS_INVERSION', 'THESIS_COUNTERFACTUALS', 'ThesisTask', 'run_setting', 'task_of',
@@ -104,12 +105,19 @@ def _runs_of(runs: list, task: ThesisTask) -> dict:
     "eps -> the run of the task through its own zoo entry (the last one collected wins)."
     return {run_setting(r)['eps']: r for r in runs if task_of(r) == task and own_entry(r)}
 
+def _plain_run_of(runs: list, task: ThesisTask, source: str) -> dict | None:
+    "The last collected plain-classifier run through the task's zoo entry that explained `source` images of its modality (any target)."
+    return next((r for r in reversed(runs) if (s := run_setting(r))['eps'] == 0 and s['source'] == source and s['data'].split(':')[1] == task.modality
+                 and s['model_dir'] is not None and Path(s['model_dir']).name == task.entry), None)
+
 def inversion_table(runs: list) -> str:
-    "Table 6.7: per source class, the reconstructions' FID, MMD-EffNet, MSE and LPIPS of each task's plain run, beside the thesis' FID, CMMD, MSE, LPIPS."
-    rows = []
-    for t in THESIS_TASKS.values():
-        r, th = _runs_of(runs, t).get(0), THESIS_INVERSION[t.source]
-        row = dict(row=f'{t.source} ({t.entry})', thesis_fid=th[0], thesis_cmmd=th[1], thesis_mse=th[2], thesis_lpips=th[3])
+    "Table 6.7: per source class (the tasks' and the thesis' other OCT classes), the reconstructions' FID, MMD-EffNet, MSE and LPIPS of a plain run through the task's entry, beside the thesis' FID, CMMD, MSE, LPIPS."
+    rows, task_sources = [], {t.source for t in THESIS_TASKS.values()}
+    pairs = [(t, c) for t in THESIS_TASKS.values()      # each task's source, then the thesis' other classes of its modality (OCT: DME, CNV)
+             for c in [t.source] + [c for c in THESIS_INVERSION if c not in task_sources and c in PHANTOM_CLASSES[t.modality]]]
+    for t, src in pairs:
+        r, th = (_runs_of(runs, t).get(0) if src == t.source else _plain_run_of(runs, t, src)), THESIS_INVERSION[src]
+        row = dict(row=f'{src} ({t.entry})', thesis_fid=th[0], thesis_cmmd=th[1], thesis_mse=th[2], thesis_lpips=th[3])
         if r is not None:
             row.update(n=r['n'], **{k: v for k, v in _setlevel(r, 'reconstructions').items() if k in ('fid', 'mmd_effnet')})
             _stat(r, 'recon_mse', row); _stat(r, 'recon_lpips', row)
