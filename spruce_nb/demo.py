@@ -16,8 +16,8 @@ from .core import CLICommand, file_sha256, atomic_write, get_device, seed_everyt
 from .core import positive_int, nonneg_int, nonneg_float, add_command
 
 # %% auto #0
-__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'DEMO_SOURCES', 'cli_commands', 'zoo_manifest',
-           'check_zoo_file', 'zoo_lacks', 'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
+__all__ = ['ZOO_DIR', 'ZOO_FILES', 'ZOO_COMMAND_MODULES', 'DEMO_VARIABLES', 'DEMO_SOURCES', 'DEMO_STEPS', 'cli_commands',
+           'zoo_manifest', 'check_zoo_file', 'zoo_lacks', 'ensure_models', 'DemoConfig', 'demo_task', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #f996555f
 ZOO_DIR = Path(spruce_nb.__file__).resolve().parent / 'zoo'   # package data: spruce_nb/zoo/
@@ -100,7 +100,7 @@ class DemoConfig:
     task: str = 'cardiomegaly-vs-normal' # a phantom task (`data.PHANTOM_TASKS`) with a zoo entry: its first class is the healthy target
     entry: str | None = None       # zoo entry (default: the entry of `task`)
     n: int = 4                     # images to explain
-    steps: int = 60                # T, counterfactual optimisation steps (λ_image = 1e-3 slows the crossing: 30 steps flip only half)
+    steps: int | None = None       # T, counterfactual optimisation steps (None: the task's `DEMO_STEPS`, 60 unless named there)
     pti_steps: int = 100           # PTI steps (reference: 350 with an LPIPS-Alex ≤ 0.07 early stop)
     pti_lr: float = 1e-3           # PTI learning rate (reference: 3e-4; fewer, larger steps keep the demo short)
     use_pti: bool = True
@@ -114,6 +114,8 @@ DEMO_VARIABLES = {'ctr': ('CTR', 'cardiothoracic ratio', 'normal < 0.5'),   # ca
                   'drusen_um': ('drusen µm', 'largest RPE elevation by drusen (µm)', 'none = 0'),
                   'atrophy': ('atrophy', 'atrophy index a', 'lower is healthier')}
 DEMO_SOURCES = {'oct': 'drusen', 'mri': 'moderate', 'mri-anatomy': 'moderate'}   # multi-class tasks: the thesis' sources (§6.5: drusen, moderate dementia)
+DEMO_STEPS = {'mri': 200, 'mri-anatomy': 200}   # T where 60 steps are too few (λ_image = 1e-3 slows the crossing: at 30 steps the chest flips only half);
+                                                # MRI's edit, atrophy −0.8, is the largest: at T = 50 a quarter flip, at 200 all (19_tasks, bench/steps_needed.py)
 
 def demo_task(task: str, manifest: dict | None = None) -> dict:
     "The demo's plan for a phantom task: zoo entry, modality, source class → healthy target, and the causal variable the oracle reads."
@@ -218,7 +220,8 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
     dev = get_device(device)
     from spruce_nb.pti import PTIConfig
     pti_cfg = PTIConfig(steps=cfg.pti_steps, lr=cfg.pti_lr)   # early stop at LPIPS-Alex <= 0.07 only with the real LPIPS trunk (see 08_pti)
-    ccfg = CounterfactualConfig(steps=cfg.steps, lpips_net=cfg.lpips_net, lambda_image=cfg.lambda_image)
+    steps = cfg.steps or DEMO_STEPS.get(plan['modality'], 60)
+    ccfg = CounterfactualConfig(steps=steps, lpips_net=cfg.lpips_net, lambda_image=cfg.lambda_image)
     sps = {'plain': Spruce.from_dir(models, device=dev, config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg),
            'TRADES 2/255': Spruce.from_dir(models, device=dev, classifier='classifier_trades2.pt', gmms='gmms_trades2.pt',
                                              config=ccfg, use_pti=cfg.use_pti, pti_config=pti_cfg)}
@@ -231,7 +234,7 @@ def _demo_in(out: Path, cfg: DemoConfig, force_retrain, device, zoo_dir, manifes
     x = torch.stack([ds[i][0] for i in keep])
     print(f'[3/5] inversion (e4e{" + PTI" if cfg.use_pti else ""}) of {len(keep)} images', flush=True)
     inv = first.invert(x)
-    print(f'[4/5] counterfactuals ({cfg.steps} steps) for each classifier', flush=True)
+    print(f'[4/5] counterfactuals ({steps} steps) for each classifier', flush=True)
     exs = {nm: sp.explain(x, target=plan['target'], inversion=inv) for nm, sp in sps.items()}
     print('[5/5] scores and report', flush=True)
     oracle = fit_oracle(plan['modality'], n=600, size=first.resolution, n_test=200)
@@ -283,7 +286,7 @@ def _demo_args(p):
     p.add_argument('--modality', default='cxr', choices=['cxr'], help=argparse.SUPPRESS)   # kept for old scripts: the task names its modality
     p.add_argument('--out', default='demo_out', help='report directory (default demo_out/)')
     p.add_argument('--n', type=positive_int, default=DemoConfig.n, help='images to explain')
-    p.add_argument('--steps', type=positive_int, default=DemoConfig.steps, help='counterfactual optimisation steps T')
+    p.add_argument('--steps', type=positive_int, default=None, help='counterfactual optimisation steps T (default: 60; 200 for MRI, whose edit is the largest)')
     p.add_argument('--pti-steps', type=nonneg_int, default=DemoConfig.pti_steps, help='PTI steps')
     p.add_argument('--no-pti', action='store_true', help='skip pivotal tuning')
     p.add_argument('--lambda-image', type=nonneg_float, default=DemoConfig.lambda_image, help='λ_image at the 256-px reference (thesis 1e-6; demo default 1e-3, see 10_counterfactual)')
