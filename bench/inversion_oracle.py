@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from spruce_nb.counterfactual import Spruce
-from spruce_nb.data import PhantomDataset, fit_oracle
+from spruce_nb.data import PhantomDataset, fit_oracle, phantom_counterfactuals
 from spruce_nb.demo import ZOO_DIR
 from spruce_nb.evaluate import mean_ci
 from spruce_nb.pti import PTIConfig
@@ -28,13 +28,15 @@ def main(argv=None):
     p.add_argument('--pti-steps', type=int, default=100)
     p.add_argument('--out', default=None, help='write the numbers as JSON here')
     a = p.parse_args(argv)
+    if a.out and Path(a.out).exists(): raise SystemExit(f'{a.out} exists; choose another --out (nothing is overwritten).')
     t = THESIS_TASKS[a.task]
     torch.manual_seed(0)
     sp = Spruce.from_dir(ZOO_DIR / t.entry, device='cpu', pti_config=PTIConfig(steps=a.pti_steps, lr=1e-3))
     ds = PhantomDataset(t.modality, n=8 * a.n, size=64, seed=0, classes=(t.target, t.source), split='test')
     idx = [i for i in range(len(ds)) if ds.labels[i] == 1][:a.n]
     x = torch.stack([ds[i][0] for i in idx])
-    gt = torch.stack([ds.ground_truth(i, t.target)['counterfactual'] for i in idx])
+    gt = phantom_counterfactuals(t.modality, ds.seeds[idx], t.source, t.target, ds.size, markers=ds.markers[idx],
+                                 marker_scale=ds.marker_scale)['counterfactuals']   # one batch: what ds.ground_truth renders per item
     oracle = fit_oracle(t.modality, n=2000, size=64, seed=1)
     inv = sp.invert(x)
     with torch.no_grad():
@@ -49,9 +51,11 @@ def main(argv=None):
             print(f"{name:26s} oracle {t.variable} {res[name]['oracle']['mean']:8.3f} ± {res[name]['oracle']['ci95']:.3f} (sd {res[name]['oracle_sd']:.3f})  "
                   f"p({t.source}) {res[name]['p_source']['mean']:.3f}  predicted {t.target} {res[name]['predicted_target']:.0%}")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(task=a.task, entry=t.entry, n=len(idx), pti_steps=a.pti_steps, variable=t.variable,
+        tmp = Path(a.out).with_suffix('.tmp')           # written whole, then moved into place
+        tmp.write_text(json.dumps(dict(task=a.task, entry=t.entry, n=len(idx), pti_steps=a.pti_steps, variable=t.variable,
                                                oracle_mae=oracle.error.get(t.variable) if isinstance(oracle.error, dict) else None,
                                                command='python bench/inversion_oracle.py ' + ' '.join(argv or __import__('sys').argv[1:]), versions=res), indent=1) + '\n')
+        tmp.replace(a.out)
         print(f'wrote {a.out}')
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from spruce_nb.counterfactual import Spruce, CounterfactualConfig
+from spruce_nb.demo import ZOO_DIR
 from spruce_nb.pti import PTIConfig
 from spruce_nb.records import open_dataset
 from spruce_nb.tasks import THESIS_TASKS
@@ -34,9 +35,9 @@ def main(argv=None):
     if a.out is not None and a.out.exists(): raise SystemExit(f'{a.out} exists; choose another --out (nothing is overwritten).')
     t = THESIS_TASKS[a.task]
     ds = open_dataset(t.data, split='test', size=64)
-    base = Spruce.from_dir(Path('spruce_nb/zoo') / t.entry, pti_config=PTIConfig(steps=100, lr=1e-3))
+    base = Spruce.from_dir(ZOO_DIR / t.entry, pti_config=PTIConfig(steps=100, lr=1e-3))
     src = base.classes.index(t.source)
-    cand = [i for i in range(len(ds)) if int(ds[i][1]) == src]
+    cand = [i for i in range(len(ds)) if int(ds.labels[i]) == src]          # labels without rendering every image
     X = torch.stack([ds[i][0] for i in cand[:4 * a.n]])
     with torch.no_grad(): ok = base.classifier(X.to(base.device)).argmax(-1).cpu() == src
     X = X[ok][:a.n]

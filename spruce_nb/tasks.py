@@ -76,11 +76,11 @@ def own_entry(run: dict) -> bool:
 
 def region_share(task: ThesisTask, n: int = 64, dilate: int = 2) -> float:
     "Mean share of the image covered by the true causal region of held-out source phantoms, dilated as `edit_metrics` does (the in-region share of an edit spread evenly)."
-    import torch
-    from spruce_nb.data import PhantomDataset
+    from spruce_nb.data import PhantomDataset, phantom_counterfactuals
     from spruce_nb.metrics import dilate_mask
     ds = PhantomDataset(task.modality, n=n, size=64, seed=0, classes=(task.target, task.source), split='test')
-    m = torch.stack([ds.ground_truth(i, task.target)['mask'] for i in range(len(ds)) if ds.labels[i] == 1])
+    idx = [i for i in range(len(ds)) if ds.labels[i] == 1]     # the source phantoms, rendered in one batch (what ds.ground_truth does per item)
+    m = phantom_counterfactuals(task.modality, ds.seeds[idx], task.source, task.target, ds.size, markers=ds.markers[idx], marker_scale=ds.marker_scale)['masks']
     return float(dilate_mask(m, dilate).float().mean())
 
 # %% ../nbs/19_tasks.ipynb #938f3af2
@@ -101,22 +101,19 @@ def _steps(run: dict):
     "The run's optimisation steps T (its recorded settings; None for a run collected without them)."
     return (run.get('counterfactual') or {}).get('steps')
 
-def _runs_of(runs: list, task: ThesisTask) -> dict:
-    "eps -> the run of the task through its own zoo entry (the last one collected wins)."
-    return {run_setting(r)['eps']: r for r in runs if task_of(r) == task and own_entry(r)}
-
-def _plain_run_of(runs: list, task: ThesisTask, source: str) -> dict | None:
-    "The last collected plain-classifier run through the task's zoo entry that explained `source` images of its modality (any target)."
-    return next((r for r in reversed(runs) if (s := run_setting(r))['eps'] == 0 and s['source'] == source and s['data'].split(':')[1] == task.modality
-                 and s['model_dir'] is not None and Path(s['model_dir']).name == task.entry), None)
+def _runs_of(runs: list, task: ThesisTask, source: str | None = None) -> dict:
+    "eps -> the run through the task's own zoo entry that explains `source` (default: the task's source) towards the task's target (the last one collected wins)."
+    want = (task.modality, source or task.source, task.target)
+    return {s['eps']: r for r in runs if (s := run_setting(r)) and (s['data'].split(':')[1], s['source'], s['target']) == want
+            and s['model_dir'] is not None and Path(s['model_dir']).name == task.entry}
 
 def inversion_table(runs: list) -> str:
-    "Table 6.7: per source class (the tasks' and the thesis' other OCT classes), the reconstructions' FID, MMD-EffNet, MSE and LPIPS of a plain run through the task's entry, beside the thesis' FID, CMMD, MSE, LPIPS."
+    "Table 6.7: per source class (the tasks' and the thesis' other OCT classes), the reconstructions' FID, MMD-EffNet, MSE and LPIPS of a plain run through the task's entry towards its target, beside the thesis' FID, CMMD, MSE, LPIPS."
     rows, task_sources = [], {t.source for t in THESIS_TASKS.values()}
     pairs = [(t, c) for t in THESIS_TASKS.values()      # each task's source, then the thesis' other classes of its modality (OCT: DME, CNV)
              for c in [t.source] + [c for c in THESIS_INVERSION if c not in task_sources and c in PHANTOM_CLASSES[t.modality]]]
     for t, src in pairs:
-        r, th = (_runs_of(runs, t).get(0) if src == t.source else _plain_run_of(runs, t, src)), THESIS_INVERSION[src]
+        r, th = _runs_of(runs, t, src).get(0), THESIS_INVERSION[src]
         row = dict(row=f'{src} ({t.entry})', thesis_fid=th[0], thesis_cmmd=th[1], thesis_mse=th[2], thesis_lpips=th[3])
         if r is not None:
             row.update(n=r['n'], **{k: v for k, v in _setlevel(r, 'reconstructions').items() if k in ('fid', 'mmd_effnet')})
